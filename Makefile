@@ -1,0 +1,38 @@
+# `make demo` and `make test` do all set-up on a fresh clone: a .venv with the CPU
+# build of torch (pinned: an unpinned torch pulls gigabytes of CUDA) and the
+# package in editable mode with the versions in constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -c constraints.txt -e ".[workflow,test]"
+	touch $@
+
+demo: install
+	snakemake --profile profiles/default
+	@echo
+	@echo "Results: $(CURDIR)/results/demo   (logs/demo, benchmarks/demo)"
+	@echo "Audit:   $(CURDIR)/results/demo/audit.tsv"
+	@echo
+	iteralign audit results/demo
+
+test: install
+	python -m pytest
+
+lint: install
+	ruff check src tests
+	snakemake --lint
+
+clean:
+	rm -rf results logs benchmarks .snakemake

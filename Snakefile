@@ -1,0 +1,39 @@
+# iteralign: online iterative preference alignment.
+# Each round n: sample -> score -> feedback -> reference -> train -> evaluate.
+#   snakemake --profile profiles/default                      # the embedded CPU demo
+#   snakemake --profile profiles/slurm --configfile my.yaml   # an experiment on a cluster
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# config.yaml is the demo; a --configfile replaces it instead of being merged into it,
+# so an experiment never inherits demo keys it did not set.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+wildcard_constraints:
+    n=r"\d+",
+
+
+include: "rules/common.smk"
+include: "rules/plan.smk"
+include: "rules/sft.smk"
+include: "rules/sample.smk"
+include: "rules/score.smk"
+include: "rules/feedback.smk"
+include: "rules/reference.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/audit.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

@@ -1,0 +1,16 @@
+rule audit:
+    input:
+        evaluations=expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)),
+        training=expand(result("train_r{n}.jsonl"), n=TRAIN_ROUNDS),
+    output:
+        result("audit.tsv"),
+    params:
+        results=output_folder,
+        benchmarks=str(BENCH),
+    log:
+        log_file("audit.log"),
+    benchmark:
+        bench_file("audit.tsv")
+    localrule: True
+    shell:
+        "iteralign audit {params.results} --benchmarks {params.benchmarks} --output {output} > {log} 2>&1"

@@ -1,0 +1,24 @@
+# The SFT model scores this round's feedback once, in its own job, so that the
+# train job never holds a reference model in memory.
+rule reference:
+    input:
+        feedback=result("feedback_r{n}.json"),
+        checkpoint=checkpoint_dir(0),
+    output:
+        result("reflogps_r{n}.parquet"),
+    params:
+        config=CONFIG_FILE,
+    log:
+        log_file("reference_r{n}.log"),
+    benchmark:
+        bench_file("reference_r{n}.tsv")
+    wildcard_constraints:
+        n=r"[1-9]\d*",
+    threads: resource("reference", "threads")
+    resources:
+        gpu=gpus("reference"),
+        mem_mb=resource("reference", "mem_mb"),
+        runtime=resource("reference", "runtime"),
+    shell:
+        "iteralign reference --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
+        "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,22 @@
+rule sample:
+    input:
+        prompts=result("prompts.parquet"),
+        checkpoint=previous_checkpoint,
+    output:
+        result("samples_r{n}.parquet"),
+    params:
+        config=CONFIG_FILE,
+    log:
+        log_file("sample_r{n}.log"),
+    benchmark:
+        bench_file("sample_r{n}.tsv")
+    wildcard_constraints:
+        n=r"[1-9]\d*",
+    threads: resource("sample", "threads")
+    resources:
+        gpu=gpus("sample"),
+        mem_mb=resource("sample", "mem_mb"),
+        runtime=resource("sample", "runtime"),
+    shell:
+        "iteralign sample --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
+        "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

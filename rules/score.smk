@@ -1,0 +1,21 @@
+rule score:
+    input:
+        result("samples_r{n}.parquet"),
+    output:
+        result("rewards_r{n}.parquet"),
+    params:
+        config=CONFIG_FILE,
+    log:
+        log_file("score_r{n}.log"),
+    benchmark:
+        bench_file("score_r{n}.tsv")
+    wildcard_constraints:
+        n=r"[1-9]\d*",
+    threads: resource("score", "threads")
+    resources:
+        gpu=gpus("score"),
+        mem_mb=resource("score", "mem_mb"),
+        runtime=resource("score", "runtime"),
+    shell:
+        "iteralign score --config {params.config} --round {wildcards.n} --samples {input} "
+        "--output {output} --threads {threads} > {log} 2>&1"

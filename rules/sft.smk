@@ -1,0 +1,38 @@
+# ckpt_r0/FINAL is the round-0 policy and, for every round, the frozen reference.
+if config["policy"]["sft_checkpoint"]:
+
+    rule link_sft:
+        output:
+            directory(checkpoint_dir(0)),
+        params:
+            config=CONFIG_FILE,
+        log:
+            log_file("link_sft.log"),
+        benchmark:
+            bench_file("link_sft.tsv")
+        localrule: True
+        shell:
+            "iteralign link-sft --config {params.config} --output {output} > {log} 2>&1"
+
+else:
+
+    rule sft:
+        input:
+            sft_data_file(),
+        output:
+            checkpoint=directory(checkpoint_dir(0)),
+            metrics=result("sft.jsonl"),
+        params:
+            config=CONFIG_FILE,
+        log:
+            log_file("sft.log"),
+        benchmark:
+            bench_file("sft.tsv")
+        threads: resource("sft", "threads")
+        resources:
+            gpu=gpus("train"),
+            mem_mb=resource("sft", "mem_mb"),
+            runtime=resource("sft", "runtime"),
+        shell:
+            "iteralign sft --config {params.config} --output {output.checkpoint} "
+            "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,285 @@
+"""``iteralign <step>``: one subcommand per rule, so every step can be re-run by hand.
+
+Each step reads the experiment config (``--config``, validated and completed
+against the schema), its inputs by path, and writes its outputs atomically with
+provenance. Errors that a user can fix print one clear line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("iteralign")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args):
+    from iteralign import config as cfg
+
+    return cfg.load(args.config)
+
+
+def _provenance(step: str, config: dict, inputs: dict):
+    from iteralign.artifacts import Provenance
+    from iteralign.config import config_hash
+
+    return Provenance(step, config_hash(config), config["seed"], {k: v for k, v in inputs.items() if v})
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        from iteralign.modeling import set_threads
+
+        set_threads(args.threads)
+
+
+# ---------------------------------------------------------------- steps
+def cmd_plan(args) -> None:
+    from iteralign.artifacts import write_parquet
+    from iteralign.prompts import load_prompts, plan_rounds
+
+    config = _config(args)
+    prov = _provenance("plan", config, {"source": None if config["prompts"]["source"].startswith("demo:")
+                                        else config["prompts"]["source"]})
+    prompts = load_prompts(config)
+    plan = plan_rounds(prompts, config)
+    rounds = int(plan["round"].max())
+    log.info("plan: %d distinct prompts, %d eval, %d rounds of up to %d", len(prompts),
+             (plan["split"] == "eval").sum(), rounds, config["prompts"]["per_round"])
+    write_parquet(plan, args.output, prov.record(rounds=rounds, distinct_prompts=len(prompts)))
+
+
+def cmd_sft(args) -> None:
+    from iteralign.sft import run_sft
+
+    config = _config(args)
+    _threads(args)
+    data = config["sft"]["data"]
+    prov = _provenance("sft", config, {"data": None if data.startswith("demo:") else data})
+    run_sft(config, args.output, args.metrics, prov)
+
+
+def cmd_link_sft(args) -> None:
+    from iteralign.sft import link_sft
+
+    config = _config(args)
+    link_sft(config, args.output, _provenance("link_sft", config, {}))
+
+
+def cmd_sample(args) -> None:
+    from iteralign.artifacts import read_parquet, write_parquet
+    from iteralign.prompts import messages_from_cell
+    from iteralign.sample import generate, sample_frame
+
+    config = _config(args)
+    _threads(args)
+    prov = _provenance("sample", config, {"prompts": args.prompts, "checkpoint": args.checkpoint})
+    plan = read_parquet(args.prompts)
+    todo = plan[(plan["split"] == "train") & (plan["round"] == args.round)]
+    if todo.empty:
+        raise ValueError(f"{args.prompts}: no training prompts planned for round {args.round}")
+    scfg = config["sampling"]
+    seed = config["seed"] * 1_000_003 + args.round
+    prompts = [messages_from_cell(p) for p in todo["prompt"]]
+    decoding = {k: scfg[k] for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "stop")}
+    log.info("round %d: sampling %d x %d completions from %s", args.round, len(prompts), scfg["num_samples"],
+             args.checkpoint)
+    generation = generate(args.checkpoint, prompts, decoding, config, seed, progress=f"sample r{args.round}")
+    frame = sample_frame(args.round, list(todo["prompt_id"]), prompts, generation.texts, generation.completions,
+                         args.checkpoint, seed)
+    write_parquet(frame, args.output, prov.record(round=args.round, backend=generation.backend, rows=len(frame)))
+
+
+def cmd_score(args) -> None:
+    from iteralign.artifacts import check_columns, read_parquet, write_parquet
+    from iteralign.score import score_samples
+
+    config = _config(args)
+    prov = _provenance("score", config, {"samples": args.samples})
+    samples = read_parquet(args.samples)
+    check_columns(samples, ["prompt_id", "sample_id", "prompt", "output"], args.samples)
+    rewards, result = score_samples(samples, config)
+    failed = int(rewards["reward"].isna().sum())
+    log.info("round %d: scored %d samples, mean reward %.4f, %d failed", args.round, len(rewards),
+             rewards["reward"].mean(), failed)
+    write_parquet(rewards, args.output, prov.record(round=args.round, failed=failed, usage=result.usage))
+
+
+def cmd_feedback(args) -> None:
+    from iteralign.artifacts import check_columns, read_parquet, write_json
+    from iteralign.feedback import build_feedback
+    from iteralign.prompts import messages_from_cell
+
+    config = _config(args)
+    prov = _provenance("feedback", config, {"samples": args.samples, "rewards": args.rewards})
+    samples, rewards = read_parquet(args.samples), read_parquet(args.rewards)
+    check_columns(rewards, ["prompt_id", "sample_id", "reward"], args.rewards)
+    merged = samples.merge(rewards[["prompt_id", "sample_id", "reward"]], on=["prompt_id", "sample_id"],
+                           how="left", validate="one_to_one")
+    if len(merged) != len(rewards):
+        raise ValueError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
+                         "they must describe the same samples")
+    records = [
+        {"prompt_id": r.prompt_id, "sample_id": int(r.sample_id), "prompt": messages_from_cell(r.prompt),
+         "output": r.output, "reward": float(r.reward)}
+        for r in merged.itertuples(index=False)
+    ]
+    items, stats = build_feedback(records, config, args.round)
+    log.info("round %d: %s feedback: %s", args.round, config["feedback"]["type"], stats)
+    write_json(items, args.output, prov.record(round=args.round, stats=stats))
+
+
+def cmd_reference(args) -> None:
+    from iteralign.artifacts import write_parquet
+    from iteralign.reference import reference_logps
+
+    config = _config(args)
+    _threads(args)
+    prov = _provenance("reference", config, {"feedback": args.feedback, "checkpoint": args.checkpoint})
+    frame = reference_logps(config, args.feedback, args.checkpoint)
+    log.info("round %d: reference log-probs of %d sequences", args.round, len(frame))
+    write_parquet(frame, args.output, prov.record(round=args.round, rows=len(frame)))
+
+
+def cmd_train(args) -> None:
+    from iteralign.train.trainer import train_round
+
+    config = _config(args)
+    _threads(args)
+    inputs = {"checkpoint": args.checkpoint}
+    inputs.update({f"feedback_{i}": p for i, p in enumerate(args.feedback)})
+    inputs.update({f"reference_{i}": p for i, p in enumerate(args.reference)})
+    prov = _provenance("train", config, inputs)
+    train_round(config, args.round, args.feedback, args.reference, args.checkpoint, args.output, args.metrics, prov)
+
+
+def cmd_evaluate(args) -> None:
+    from iteralign.artifacts import read_parquet, write_json, write_parquet
+    from iteralign.evaluate import evaluate
+
+    config = _config(args)
+    _threads(args)
+    prov = _provenance("evaluate", config, {"prompts": args.prompts, "checkpoint": args.checkpoint,
+                                            "reference_checkpoint": args.reference_checkpoint,
+                                            "baseline": args.baseline})
+    baseline = read_parquet(args.baseline) if args.baseline else None
+    if args.round > 0 and baseline is None:
+        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) for the win rate")
+    frame, summary = evaluate(config, args.round, read_parquet(args.prompts), args.checkpoint,
+                              args.reference_checkpoint, baseline)
+    log.info("round %d eval: mean reward %.4f CI %s win rate vs r0 %.3f KL %.4f", args.round,
+             summary["mean_reward"], [round(x, 4) for x in summary["reward_ci95"]], summary["win_rate_vs_r0"],
+             summary["kl_to_reference"])
+    record = prov.record(round=args.round)
+    write_parquet(frame, args.table, record)
+    write_json(summary, args.summary, record)
+
+
+def cmd_audit(args) -> None:
+    import json
+
+    from iteralign.audit import audit_rows, format_table, to_tsv
+
+    rows = audit_rows(args.results, args.benchmarks)
+    if args.output:
+        from iteralign.artifacts import atomic_path
+
+        with atomic_path(Path(args.output)) as tmp:
+            tmp.write_text(to_tsv(rows))
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iteralign", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("ITERALIGN_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="step", required=True, metavar="<step>")
+
+    def step(name, func, help_text, rounds=False, threads=False):
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--config", required=True, help="experiment config (YAML)")
+        if rounds:
+            p.add_argument("--round", type=int, required=True)
+        if threads:
+            p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        return p
+
+    p = step("plan", cmd_plan, "shuffle prompts once, hold out eval, deal the rest into rounds")
+    p.add_argument("--output", required=True)
+    p = step("sft", cmd_sft, "build/fine-tune the SFT policy (ckpt_r0/FINAL)", threads=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--metrics", required=True)
+    p = step("link-sft", cmd_link_sft, "point ckpt_r0/FINAL at an existing SFT checkpoint")
+    p.add_argument("--output", required=True)
+    p = step("sample", cmd_sample, "sample k completions per prompt of a round", rounds=True, threads=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p = step("score", cmd_score, "score a round's samples", rounds=True, threads=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--output", required=True)
+    p = step("feedback", cmd_feedback, "turn rewards into feedback items", rounds=True)
+    p.add_argument("--samples", required=True)
+    p.add_argument("--rewards", required=True)
+    p.add_argument("--output", required=True)
+    p = step("reference", cmd_reference, "reference log-probs of a round's feedback", rounds=True, threads=True)
+    p.add_argument("--feedback", required=True)
+    p.add_argument("--checkpoint", required=True, help="the SFT checkpoint (ckpt_r0/FINAL)")
+    p.add_argument("--output", required=True)
+    p = step("train", cmd_train, "train the policy one round", rounds=True, threads=True)
+    p.add_argument("--feedback", required=True, nargs="+")
+    p.add_argument("--reference", required=True, nargs="+")
+    p.add_argument("--checkpoint", required=True, help="policy of the previous round")
+    p.add_argument("--output", required=True)
+    p.add_argument("--metrics", required=True)
+    p = step("evaluate", cmd_evaluate, "held-out evaluation of a round's policy", rounds=True, threads=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--reference-checkpoint", required=True)
+    p.add_argument("--baseline", default=None, help="eval_r0.parquet (rounds > 0)")
+    p.add_argument("--table", required=True, help="eval_r{n}.parquet")
+    p.add_argument("--summary", required=True, help="eval_r{n}.json")
+
+    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts")
+    p.set_defaults(func=cmd_audit)
+    p.add_argument("results", help="results/<experiment>")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--output", default=None, help="also write the table as TSV")
+    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from iteralign.config import ConfigError
+    from iteralign.feedback import FeedbackError
+    from iteralign.prompts import PromptError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        args.func(args)
+    except (ConfigError, PromptError, FeedbackError, FileNotFoundError, ValueError) as exc:
+        # Input a user can fix: one line naming the problem. Anything else keeps its traceback.
+        if os.environ.get("ITERALIGN_DEBUG"):
+            raise
+        print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

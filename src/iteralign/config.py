@@ -1,0 +1,143 @@
+"""Load, validate, complete and hash an experiment config.
+
+The schema (schemas/config.schema.yaml) is the single source of defaults. The
+Snakefile validates with the same file; the CLI re-validates whatever it is given,
+so a step run by hand gets the same checks and defaults as one run by Snakemake.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA_PATH = Path(str(resources.files("iteralign") / "schemas" / "config.schema.yaml"))
+
+# Keys that change where or how fast a job runs but not what it computes; they
+# are left out of the config hash so that moving to a cluster keeps provenance.
+_HASH_EXCLUDED = ("resources",)
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema or is inconsistent."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _validator_with_defaults(schema: dict):
+    import jsonschema
+    from jsonschema import validators
+
+    base = jsonschema.Draft202012Validator
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    return validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def _error_path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Return a completed copy of ``config`` (defaults filled) or raise ConfigError.
+
+    The message names the key (dotted path), what was found and what was expected.
+    """
+    completed = copy.deepcopy(config) if config is not None else {}
+    if not isinstance(completed, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, found {type(config).__name__}")
+    validator = _validator_with_defaults(load_schema())
+    # Two passes: the first fills defaults (including whole sections), the second
+    # reports errors against the completed document.
+    list(validator.iter_errors(completed))
+    errors = sorted(validator.iter_errors(completed), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            key = _error_path(error)
+            if error.validator == "additionalProperties":
+                known = sorted(error.schema.get("properties", {}))
+                lines.append(f"{source}: key {key}: {error.message}; known keys here: {', '.join(known)}")
+            else:
+                found = json.dumps(error.instance, default=str)
+                lines.append(f"{source}: key {key}: found {found}: {error.message}")
+        raise ConfigError("invalid config\n  " + "\n  ".join(lines))
+    _check_consistency(completed, source)
+    return completed
+
+
+def _check_consistency(config: dict, source: str) -> None:
+    """Checks across keys that a JSON schema cannot express clearly."""
+    training, feedback = config["training"], config["feedback"]
+    accepted = LOSS_FEEDBACK_TYPES[training["loss"]]
+    if feedback["type"] not in accepted:
+        raise ConfigError(
+            f"{source}: training.loss={training['loss']!r} needs feedback.type in {sorted(accepted)}, "
+            f"found feedback.type={feedback['type']!r}"
+        )
+    if config["sampling"]["num_samples"] < 2 and feedback["type"] == "pairwise":
+        raise ConfigError(
+            f"{source}: feedback.type='pairwise' needs sampling.num_samples >= 2, "
+            f"found {config['sampling']['num_samples']}"
+        )
+    if training["max_prompt_length"] >= training["max_length"]:
+        raise ConfigError(
+            f"{source}: training.max_prompt_length ({training['max_prompt_length']}) must be below "
+            f"training.max_length ({training['max_length']})"
+        )
+
+
+# Which feedback types each loss trains on. Binary losses also accept pairwise
+# feedback: each pair is split into one desirable and one undesirable example.
+LOSS_FEEDBACK_TYPES: dict[str, set[str]] = {
+    "dpo": {"pairwise"},
+    "kto": {"binary", "pairwise"},
+}
+
+
+def load(path: str | Path) -> dict:
+    """Read a YAML/JSON config file and return it validated and completed."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return validate(raw or {}, source=str(path))
+
+
+def config_hash(config: dict) -> str:
+    """A short, stable hash of everything in the config that affects results."""
+    relevant = {k: v for k, v in config.items() if k not in _HASH_EXCLUDED}
+    canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def experiment_dir(config: dict) -> Path:
+    return Path(config["results_dir"]) / config["experiment"]
+
+
+def get(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node

@@ -1,0 +1,133 @@
+"""The SFT stage: make ``ckpt_r0/FINAL``, the policy of round 0 and the frozen reference.
+
+Either builds a small Llama and character tokenizer locally (``sft.model:
+tiny-llama``) or starts from a local checkpoint folder, then fine-tunes it on
+(prompt, completion) pairs with the token-mean negative log-likelihood of the
+completion. The SFT optimizer state is not carried into round 1: preference
+training starts its own optimizer (different learning rate and objective).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def load_sft_examples(config: dict) -> list[tuple[list[dict], str]]:
+    scfg = config["sft"]
+    source = scfg["data"]
+    if source == "demo:addition":
+        from iteralign import demo
+
+        return demo.sft_examples(scfg["num_examples"], config["seed"], scfg["carry_forget_prob"])
+    from iteralign.prompts import PromptError, canonical_messages, read_source_rows
+
+    prompts = read_source_rows(source, "prompt")
+    completions = read_source_rows(source, "completion")
+    examples = []
+    for (where, prompt), (_, completion) in zip(prompts, completions, strict=True):
+        if not isinstance(completion, str) or not completion.strip():
+            raise PromptError(f"{where}: completion is {completion!r:.60}; expected non-empty text")
+        examples.append((canonical_messages(prompt, where), completion))
+    return examples
+
+
+def _build_model(config: dict, examples):
+    scfg = config["sft"]
+    if scfg["model"] == "tiny-llama":
+        from iteralign.tiny import build_char_tokenizer, build_llama
+
+        alphabet = "".join(sorted({c for msgs, out in examples for m in msgs for c in m["content"]} | set(
+            "".join(out for _, out in examples))))
+        tokenizer = build_char_tokenizer(alphabet)
+        tiny = scfg["tiny"]
+        model = build_llama(tokenizer, tiny["hidden_size"], tiny["intermediate_size"], tiny["num_layers"],
+                            tiny["num_heads"], tiny["max_position_embeddings"], seed=config["seed"])
+        return model, tokenizer
+    from iteralign.modeling import load_causal_lm, load_tokenizer
+
+    trust = config["policy"]["trust_remote_code"]
+    return load_causal_lm(scfg["model"], trust), load_tokenizer(scfg["model"], trust)
+
+
+def run_sft(config: dict, output: str | Path, metrics_path: str | Path, provenance=None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from iteralign.artifacts import write_jsonl
+    from iteralign.train.checkpoint import save_checkpoint
+    from iteralign.train.data import PromptRenderer, collate, encode
+    from iteralign.train.logps import completion_logps
+    from iteralign.train.trainer import lr_lambda
+
+    scfg, tcfg = config["sft"], config["training"]
+    examples = load_sft_examples(config)
+    model, tokenizer = _build_model(config, examples)
+    log.info("sft: %d examples, model with %d parameters", len(examples), sum(p.numel() for p in model.parameters()))
+    render = PromptRenderer(tokenizer)
+    from iteralign.prompts import prompt_id
+
+    encoded = [encode(tokenizer, render(prompt_id(msgs), msgs), out, tcfg["max_length"], tcfg["max_prompt_length"])
+               for msgs, out in examples]
+    device = torch.device("cuda") if torch.cuda.is_available() and tcfg["gpus"] > 0 else torch.device("cpu")
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=scfg["lr"], weight_decay=scfg["weight_decay"])
+    steps = scfg["epochs"] * math.ceil(len(encoded) / scfg["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("cosine", scfg["warmup_steps"], steps))
+    torch.manual_seed(config["seed"])
+    rows, step = [], 0
+    progress = tqdm(total=steps, desc="sft", mininterval=5)
+    for epoch in range(scfg["epochs"]):
+        order = np.random.default_rng([config["seed"], epoch]).permutation(len(encoded))
+        for start in range(0, len(order), scfg["batch_size"]):
+            batch = collate([encoded[i] for i in order[start : start + scfg["batch_size"]]],
+                            tokenizer.pad_token_id, device)
+            logps, counts = completion_logps(model, **batch)
+            loss = -logps.sum() / counts.sum()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            rows.append({"step": step, "epoch": epoch, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": float(grad_norm)})
+            progress.update(1)
+            if step % 50 == 0 or step == steps:
+                log.info("sft step %d/%d loss %.4f", step, steps, loss.item())
+    progress.close()
+    model.eval()
+    state = {"round": 0, "global_step": 0, "examples_seen": 0, "sft_steps": step,
+             "sft_final_loss": rows[-1]["loss"] if rows else None}
+    write_jsonl(rows, metrics_path)
+    save_checkpoint(output, model.cpu(), tokenizer, state,
+                    provenance=provenance.record(sft_steps=step, examples=len(encoded)) if provenance else None)
+    return state
+
+
+def link_sft(config: dict, output: str | Path, provenance=None) -> None:
+    """Point ``ckpt_r0/FINAL`` at the user's SFT checkpoint (a symlink; never copied or deleted)."""
+    import json
+    import os
+
+    from iteralign.artifacts import atomic_path, dir_sha256, sidecar_path
+
+    source = Path(config["policy"]["sft_checkpoint"]).expanduser().resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"policy.sft_checkpoint {source} does not exist or is not a folder")
+    if not (source / "config.json").exists():
+        raise FileNotFoundError(f"policy.sft_checkpoint {source} has no config.json: not a Hugging Face checkpoint")
+    output = Path(output)
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        output.rmdir()  # an empty folder made by the workflow engine
+    meta = provenance.record(linked_to=str(source)) if provenance else {"linked_to": str(source)}
+    meta["sha256"] = dir_sha256(source)
+    with atomic_path(sidecar_path(output)) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    with atomic_path(output) as tmp:
+        os.symlink(source, tmp)

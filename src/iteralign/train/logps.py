@@ -1,0 +1,49 @@
+"""Per-sequence log-probabilities of completions, shared by reference, train and evaluate."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from iteralign.train.data import Encoded, collate
+
+
+def completion_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token) over completion tokens, and their count.
+
+    Args:
+        input_ids, attention_mask, completion_mask: ``[B, L]``, right padded;
+            completion_mask is 1 on completion tokens (the targets).
+
+    Returns:
+        ``[B]`` summed log-probs (float32) and ``[B]`` token counts.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    mask = completion_mask[:, 1:].to(logits.dtype)
+    # gather - logsumexp avoids materialising a second [B, L, V] log_softmax tensor.
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def batched_completion_logps(
+    model, encoded: list[Encoded], pad_id: int, batch_size: int, device, progress: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs of many sequences, in length-sorted batches; results in input order."""
+    from tqdm import tqdm
+
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids), reverse=True)
+    logps = np.zeros(len(encoded), dtype=np.float64)
+    counts = np.zeros(len(encoded), dtype=np.int64)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress, disable=progress is None, mininterval=5):
+        tensors = collate([encoded[i] for i in batch], pad_id, device)
+        sums, n = completion_logps(model, **tensors)
+        logps[batch] = sums.double().cpu().numpy()
+        counts[batch] = n.long().cpu().numpy()
+    return logps, counts

@@ -1,0 +1,172 @@
+"""The whole loop through Snakemake at micro scale (3 rounds, a few prompts).
+
+One run is shared by the tests below; tests that change a run work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, micro_config, write_reward_module
+
+from iteralign.artifacts import artifact_sha256, read_provenance
+
+pytestmark = pytest.mark.workflow
+EXP = Path("results/micro")
+BIN = Path(sys.executable).parent
+
+
+def snakemake_cmd(workdir: Path, configfile: str, *args: str) -> list[str]:
+    return [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+            "--configfile", str(workdir / configfile), "--rerun-triggers", "mtime", "input", "code",
+            "--cores", "2", "--rerun-incomplete", *args]
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> subprocess.CompletedProcess:
+    result = subprocess.run(snakemake_cmd(workdir, configfile, *args), capture_output=True, text=True, env=env())
+    if result.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+        raise AssertionError(f"snakemake failed:\n{result.stderr[-4000:]}\n{logs}")
+    return result
+
+
+def new_workdir(root: Path, **sections) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
+    write_reward_module(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    workdir = new_workdir(tmp_path_factory.mktemp("wf") / "a")
+    snakemake(workdir)
+    return workdir
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    shutil.copytree(run, target, symlinks=True)
+    return target
+
+
+def round_files(workdir: Path, n: int) -> list[Path]:
+    names = [f"samples_r{n}.parquet", f"rewards_r{n}.parquet", f"feedback_r{n}.json", f"reflogps_r{n}.parquet",
+             f"train_r{n}.jsonl", f"eval_r{n}.parquet", f"eval_r{n}.json", f"ckpt_r{n}/FINAL"]
+    return [workdir / EXP / name for name in names]
+
+
+def test_dry_run_plans_exactly_the_rounds(tmp_path):
+    workdir = new_workdir(tmp_path / "dry", prompts={"num_generated": 80, "per_round": 30})
+    out = subprocess.run(snakemake_cmd(workdir, "config.yaml", "-n", "--quiet", "rules"), capture_output=True,
+                         text=True, env=env())
+    assert out.returncode == 0, out.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()
+              if len(line.split()) == 2 and line.split()[1].isdigit()}
+    # 80 generated -> 78 distinct (2 repeats), 12 held out, 66 left: ceil(66/30) = 3 rounds
+    assert counts["train"] == counts["sample"] == 3 and counts["evaluate"] == 4
+
+
+def test_every_round_writes_its_artefacts_with_provenance(run):
+    for n in (1, 2, 3):
+        for path in round_files(run, n):
+            assert path.exists(), path
+        assert (run / "logs/micro" / f"train_r{n}.log").exists()
+        assert (run / "benchmarks/micro" / f"sample_r{n}.tsv").exists()
+    samples = pd.read_parquet(run / EXP / "samples_r1.parquet")
+    assert list(samples.columns) == ["round", "prompt_id", "sample_id", "prompt", "prompt_text", "output",
+                                     "num_output_tokens", "finish_reason", "generator", "seed"]
+    assert samples.groupby("prompt_id").size().eq(4).all()
+    rewards = pd.read_parquet(run / EXP / "rewards_r1.parquet")
+    assert {"prompt_id", "sample_id", "reward", "reward_raw", "length_penalty", "scorer", "error"} <= set(rewards)
+    meta = read_provenance(run / EXP / "rewards_r1.parquet")
+    assert meta["inputs"]["samples"]["sha256"] == artifact_sha256(run / EXP / "samples_r1.parquet")
+    assert meta["config_hash"] and meta["seed"] == 0
+    summary = json.loads((run / EXP / "eval_r3.json").read_text())
+    assert {"round", "num_prompts", "mean_reward", "reward_ci95", "win_rate_vs_r0", "win_rate_ci95",
+            "mean_output_tokens", "kl_to_reference", "failed_scores"} <= set(summary)
+    assert json.loads((run / EXP / "eval_r0.json").read_text())["kl_to_reference"] == 0.0
+    audit = (run / EXP / "audit.tsv").read_text().splitlines()
+    assert len(audit) == 1 + 4  # header and rounds 0..3
+
+
+def test_round_three_reference_logps_are_the_sft_models(run):
+    from iteralign import config as cfg
+    from iteralign.reference import reference_logps
+
+    config = cfg.load(next((run / EXP / "config").glob("config_*.yaml")))
+    stored = pd.read_parquet(run / EXP / "reflogps_r3.parquet")
+    from_sft = reference_logps(config, run / EXP / "feedback_r3.json", run / EXP / "ckpt_r0/FINAL")
+    from_r2 = reference_logps(config, run / EXP / "feedback_r3.json", run / EXP / "ckpt_r2/FINAL")
+    assert len(stored) > 0
+    assert np.allclose(stored["reference_logp"], from_sft["reference_logp"], atol=1e-4)
+    assert not np.allclose(stored["reference_logp"], from_r2["reference_logp"], atol=1e-4)
+
+
+def test_forcing_feedback_r2_rebuilds_round_2_on_and_leaves_round_1_untouched(run, tmp_path):
+    workdir = copy_run(run, tmp_path / "forced")
+    before = {p: (artifact_sha256(p), p.stat().st_mtime_ns) for p in round_files(workdir, 1)}
+    r2_before = {p: p.stat().st_mtime_ns for p in round_files(workdir, 2)[2:]}
+    out = snakemake(workdir, "--forcerun", str(EXP / "feedback_r2.json"))
+    assert "feedback_r1" not in out.stderr
+    for path, (digest, mtime) in before.items():
+        assert (artifact_sha256(path), path.stat().st_mtime_ns) == (digest, mtime), path
+    for path, mtime in r2_before.items():  # feedback, reference, train, eval of round 2 were rebuilt
+        assert path.stat().st_mtime_ns > mtime, path
+    assert (workdir / EXP / "ckpt_r3/FINAL").stat().st_mtime_ns > r2_before[workdir / EXP / "ckpt_r2/FINAL"]
+
+
+def test_same_seed_gives_identical_samples_feedback_and_eval(run, tmp_path):
+    other = new_workdir(tmp_path / "b")
+    snakemake(other, str(EXP / "eval_r2.json"))  # builds rounds 1-2 and evaluates rounds 0 and 2
+    for name in ("samples_r1.parquet", "samples_r2.parquet", "eval_r0.parquet", "eval_r2.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run / EXP / name), pd.read_parquet(other / EXP / name))
+    for name in ("feedback_r1.json", "feedback_r2.json", "eval_r0.json", "eval_r2.json"):
+        assert (run / EXP / name).read_bytes() == (other / EXP / name).read_bytes(), name
+
+
+def test_killed_training_leaves_no_final_and_a_rerun_completes_the_round(run, tmp_path):
+    workdir = copy_run(run, tmp_path / "killed")
+    slow = micro_config(training={"epochs": 400})  # ~1,200 steps: long enough to be killed mid-round
+    (workdir / "slow.yaml").write_text(yaml.safe_dump(slow))
+    final = workdir / EXP / "ckpt_r3/FINAL"
+    log = workdir / "logs/micro/train_r3.log"
+    # as if the first run had just reached round 3's training
+    shutil.rmtree(workdir / EXP / "ckpt_r3")
+    for name in ("train_r3.jsonl", "eval_r3.parquet", "eval_r3.json", "audit.tsv"):
+        (workdir / EXP / name).unlink()
+    log.unlink()
+    proc = subprocess.Popen(snakemake_cmd(workdir, "slow.yaml"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    def steps_logged():
+        return len(re.findall(r"round 3 step \d+ loss", log.read_text())) if log.exists() else 0
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and steps_logged() < 5:
+        time.sleep(0.05)
+    assert steps_logged() >= 5, "training of round 3 never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not final.exists()
+    assert not (workdir / EXP / "train_r3.jsonl").exists()
+    snakemake(workdir, "--unlock", configfile="slow.yaml")
+    snakemake(workdir, configfile="slow.yaml")
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["round"] == 3 and state["epochs"] == 400
+    assert (workdir / EXP / "eval_r3.json").exists()
+    assert not list(final.parent.glob(".FINAL.tmp-*"))
