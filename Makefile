@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test bench lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	python -m pytest
+
+# Every scripts/bench_*.py prints its figures (docs/benchmarks.md records them).
+bench: install
+	@for script in scripts/bench_*.py; do [ -e "$$script" ] || continue; echo "== $$script"; python $$script || exit 1; done
 
 lint: install
 	ruff check src tests

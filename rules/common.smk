@@ -116,6 +116,14 @@ def resource(step, key):
     return _RESOURCE_DEFAULTS[key]
 
 
+def launcher(step):
+    """Command that runs a step: `iteralign`, or `accelerate launch` over the step's GPUs."""
+    processes = gpus(step)
+    if processes <= 1:
+        return "iteralign"
+    return f"accelerate launch --num_processes {processes} -m iteralign.cli"
+
+
 def gpus(step):
     """GPUs a step's job needs; all come from the engine settings, never from the rules."""
     if step in ("sample", "evaluate"):

@@ -8,6 +8,7 @@ rule reference:
         result("reflogps_r{n}.parquet"),
     params:
         config=CONFIG_FILE,
+        launch=launcher("reference"),
     log:
         log_file("reference_r{n}.log"),
     benchmark:
@@ -20,5 +21,5 @@ rule reference:
         mem_mb=resource("reference", "mem_mb"),
         runtime=resource("reference", "runtime"),
     shell:
-        "iteralign reference --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
+        "{params.launch} reference --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
         "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

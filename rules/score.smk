@@ -5,6 +5,7 @@ rule score:
         result("rewards_r{n}.parquet"),
     params:
         config=CONFIG_FILE,
+        launch=launcher("score"),
     log:
         log_file("score_r{n}.log"),
     benchmark:
@@ -17,5 +18,5 @@ rule score:
         mem_mb=resource("score", "mem_mb"),
         runtime=resource("score", "runtime"),
     shell:
-        "iteralign score --config {params.config} --round {wildcards.n} --samples {input} "
+        "{params.launch} score --config {params.config} --round {wildcards.n} --samples {input} "
         "--output {output} --threads {threads} > {log} 2>&1"

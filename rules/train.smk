@@ -9,6 +9,7 @@ rule train:
         metrics=result("train_r{n}.jsonl"),
     params:
         config=CONFIG_FILE,
+        launch=launcher("train"),
     log:
         log_file("train_r{n}.log"),
     benchmark:
@@ -21,6 +22,6 @@ rule train:
         mem_mb=resource("train", "mem_mb"),
         runtime=resource("train", "runtime"),
     shell:
-        "iteralign train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
+        "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
         "--reference {input.reference} --checkpoint {input.checkpoint} --output {output.checkpoint} "
         "--metrics {output.metrics} --threads {threads} > {log} 2>&1"
