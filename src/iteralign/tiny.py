@@ -62,3 +62,35 @@ def build_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def build_llama_classifier(
+    tokenizer,
+    num_labels: int = 1,
+    hidden_size: int = 32,
+    intermediate_size: int = 64,
+    num_layers: int = 1,
+    num_heads: int = 2,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+):
+    """A randomly initialised LlamaForSequenceClassification: a stand-in reward model
+    (1 label: Bradley-Terry head, 2 labels: two-class head)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
