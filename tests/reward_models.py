@@ -49,10 +49,14 @@ class TinyMultiObjectiveRewardModel(LlamaPreTrainedModel):
 '''
 
 
-def save_classifier(path: Path, tokenizer, num_labels: int = 1, seed: int = 0, **shape) -> Path:
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2,
+              "max_position_embeddings": 256}
+
+
+def save_classifier(path: Path, tokenizer, num_labels: int = 1, seed: int = 0) -> Path:
     from iteralign.tiny import build_llama_classifier
 
-    model = build_llama_classifier(tokenizer, num_labels=num_labels, seed=seed, **shape)
+    model = build_llama_classifier(tokenizer, num_labels=num_labels, seed=seed, **TINY_SHAPE)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -68,16 +72,12 @@ def _modeling_module(folder: Path):
 
 def save_multi_objective(path: Path, tokenizer, num_objectives: int = 3, seed: int = 0) -> Path:
     import torch
-    from transformers import LlamaConfig
+
+    from iteralign.tiny import llama_config
 
     path.mkdir(parents=True, exist_ok=True)
     (path / MODELING_FILE).write_text(MODELING_CODE)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, num_objectives=num_objectives,
-    )
+    config = llama_config(tokenizer, num_objectives=num_objectives, **TINY_SHAPE)
     torch.manual_seed(seed)
     model = _modeling_module(path).TinyMultiObjectiveRewardModel(config)
     model.save_pretrained(path)

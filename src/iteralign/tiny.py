@@ -35,6 +35,33 @@ def build_char_tokenizer(alphabet: str):
     return tokenizer
 
 
+def llama_config(
+    tokenizer,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 64,
+    **extra,
+):
+    """A LlamaConfig sized as asked, with the tokenizer's vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def build_llama(
     tokenizer,
     hidden_size: int = 128,
@@ -45,52 +72,20 @@ def build_llama(
     seed: int = 0,
 ):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+                          max_position_embeddings, tie_word_embeddings=True)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def build_llama_classifier(
-    tokenizer,
-    num_labels: int = 1,
-    hidden_size: int = 32,
-    intermediate_size: int = 64,
-    num_layers: int = 1,
-    num_heads: int = 2,
-    max_position_embeddings: int = 256,
-    seed: int = 0,
-):
+def build_llama_classifier(tokenizer, num_labels: int = 1, seed: int = 0, **shape):
     """A randomly initialised LlamaForSequenceClassification: a stand-in reward model
-    (1 label: Bradley-Terry head, 2 labels: two-class head)."""
+    (1 label: Bradley-Terry head, 2 labels: two-class head). ``shape``: llama_config's sizes."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=num_labels,
-    )
+    config = llama_config(tokenizer, num_labels=num_labels, **shape)
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config)
