@@ -158,8 +158,9 @@ def test_concurrency_is_bounded(tmp_path):
 def test_a_judge_that_refuses_everything_fails_the_round_early(tmp_path):
     outputs = [f"sample-{i}" for i in range(40)]
     with FakeJudge(lambda c, a: Action(status=503)) as judge:
-        with pytest.raises(ScoringError, match=r"samples failed, more than scoring.max_failed_fraction=0.25 allows"
-                                               r".*HTTP 503.*after 3 attempts"):
+        with pytest.raises(ScoringError, match=r"11 of 40 samples failed, more than scoring.max_failed_fraction=0.25 "
+                                               r"allows; stopped with \d+ not scored. Reasons: 11 x HTTP 503.*"
+                                               r"after 3 attempts"):
             scorer(judge.base_url, tmp_path, max_failed_fraction=0.25).score([PROMPT] * 40, outputs)
         # 0.25 x 40 = 10 failures allowed: the 11th stops it; the last samples are never sent
         assert len(judge.requests) < 40 * 3

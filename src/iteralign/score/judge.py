@@ -217,17 +217,18 @@ class JudgeScorer:
         client = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.cfg["base_url"], max_retries=0,
                                     timeout=self.cfg["timeout"])
         tasks = [asyncio.create_task(self._one(i, m, client)) for i, m in enumerate(messages)]
-        failed = 0
+        failed = done = 0
         try:
             with tqdm(total=n, desc="judge", unit="sample") as bar:
                 for finished in asyncio.as_completed(tasks):
                     index, value, error = await finished
                     rewards[index], errors[index] = value, error
+                    done += 1
                     bar.update(1)
                     if error is not None:
                         failed += 1
                         if failed > allowed:
-                            raise ScoringError(self._give_up_message(failed, n, errors))
+                            raise ScoringError(self._give_up_message(failed, n, n - done, errors))
         finally:  # on give-up: cancel what is still queued or in flight, then close the connection pool
             leftovers = tasks + list(self._pending.values())
             for task in leftovers:
@@ -236,11 +237,12 @@ class JudgeScorer:
             await client.close()
         return rewards, errors
 
-    def _give_up_message(self, failed: int, n: int, errors: list[str | None]) -> str:
+    def _give_up_message(self, failed: int, n: int, unfinished: int, errors: list[str | None]) -> str:
         reasons = Counter(e for e in errors if e is not None).most_common(3)
+        stopped = f"; stopped with {unfinished} not scored" if unfinished else ""
         return (
             f"{self.name}: {failed} of {n} samples failed, more than scoring.max_failed_fraction="
-            f"{self.max_failed_fraction} allows; stopped without waiting for the rest. Reasons: "
+            f"{self.max_failed_fraction} allows{stopped}. Reasons: "
             + "; ".join(f"{count} x {why}" for why, count in reasons)
         )
 
@@ -249,8 +251,8 @@ class JudgeScorer:
         record = self.cache.get(key)
         if record is not None:
             self.usage["cache_hits"] += 1
-            self.usage["cached_prompt_tokens"] += record.get("usage", {}).get("prompt_tokens", 0)
-            self.usage["cached_completion_tokens"] += record.get("usage", {}).get("completion_tokens", 0)
+            self.usage["cached_prompt_tokens"] += record["usage"].get("prompt_tokens", 0)
+            self.usage["cached_completion_tokens"] += record["usage"].get("completion_tokens", 0)
         else:
             if key not in self._pending:
                 self._pending[key] = asyncio.ensure_future(self._fetch(key, messages, client))

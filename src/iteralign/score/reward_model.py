@@ -78,6 +78,8 @@ def load_reward_tokenizer(path: Path, trust_remote_code: bool):
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     ensure_chat_template(tokenizer)  # warns when the reward model ships none
     if tokenizer.pad_token_id is None:
+        # A head that finds the last token by the pad id then reads the last non-EOS token.
+        log.warning("reward model tokenizer %s has no pad token: padding with EOS %r", path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
