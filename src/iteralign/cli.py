@@ -124,7 +124,7 @@ def cmd_score(args) -> None:
         return
     failed = int(rewards["reward"].isna().sum())
     log.info("round %d: scored %d samples with %s, mean reward %.4f, %d failed", args.round, len(rewards),
-             rewards["scorer"].iloc[0] if len(rewards) else scoring["scorer"], rewards["reward"].mean(), failed)
+             scoring["scorer"], rewards["reward"].mean(), failed)
     if result.usage:
         log.info("round %d: scorer usage %s", args.round, result.usage)
     write_parquet(rewards, args.output, prov.record(round=args.round, failed=failed, usage=result.usage))
