@@ -79,6 +79,17 @@ def sft_data_file():
     return [] if data.startswith("demo:") else [data]
 
 
+def scorer_files():
+    """What the score step reads besides the samples: the reward model's folder, if any.
+
+    Declared as an input so that a missing folder fails before any job runs, naming it.
+    """
+    scoring = config["scoring"]
+    if scoring["scorer"] == "reward_model":
+        return [scoring["reward_model"]["path"]]
+    return []
+
+
 def previous_checkpoint(wildcards):
     return checkpoint_dir(int(wildcards.n) - 1)
 

@@ -1,6 +1,7 @@
 rule score:
     input:
-        result("samples_r{n}.parquet"),
+        samples=result("samples_r{n}.parquet"),
+        reward_model=scorer_files(),
     output:
         result("rewards_r{n}.parquet"),
     params:
@@ -18,5 +19,5 @@ rule score:
         mem_mb=resource("score", "mem_mb"),
         runtime=resource("score", "runtime"),
     shell:
-        "{params.launch} score --config {params.config} --round {wildcards.n} --samples {input} "
+        "{params.launch} score --config {params.config} --round {wildcards.n} --samples {input.samples} "
         "--output {output} --threads {threads} > {log} 2>&1"

@@ -137,3 +137,111 @@ def test_missing_field_is_named(tmp_path):
     path.write_text(json.dumps(item))
     with pytest.raises(FeedbackError, match=r"item 1: binary_feedback item lacks \['label'\]"):
         load_feedback(path)
+
+
+def test_all_keeps_every_eligible_pair_ordered_by_reward():
+    # gaps: (0,1) 0.5, (0,2) 1.0, (0,3) tie, (1,2) 0.5, (1,3) 0.5, (2,3) 1.0
+    items, stats = build_pairwise(samples([0.0, 0.5, 1.0, 0.0]), "all", 0.0, seed=0)
+    assert sorted(chosen_rejected(i) for i in items) == sorted([
+        ("out1", "out0"), ("out2", "out0"), ("out2", "out1"), ("out1", "out3"), ("out2", "out3")])
+    assert stats["pairs"] == 5 and stats["pairs_dropped_tie"] == 1 and stats["samples_in_pairs"] == 4
+
+
+def test_all_respects_the_threshold_and_never_repeats_a_pair_of_texts():
+    items, stats = build_pairwise(samples([0.0, 0.3, 1.0]), "all", 0.5, seed=0)
+    assert sorted(chosen_rejected(i) for i in items) == [("out2", "out0"), ("out2", "out1")]
+    assert stats["pairs_dropped_below_threshold"] == 1
+    # two samples with the same text: ("dup", "b") is one pair, not two
+    items, stats = build_pairwise(samples([0.9, 0.9, 0.1], outputs=["dup", "dup", "b"]), "all", 0.0, seed=0)
+    assert [chosen_rejected(i) for i in items] == [("dup", "b")]
+    assert stats["pairs_dropped_duplicate_texts"] == 1 and stats["pairs_dropped_tie"] == 1
+
+
+def test_threshold_as_a_quantile_of_the_rounds_gaps():
+    # prompt a gaps: 1, 3, 2; prompt b gaps: 10 -> the median of [1, 2, 3, 10] is 2.5
+    round_samples = samples([0.0, 1.0, 3.0], prompt_id="a") + samples([0.0, 10.0], prompt_id="b")
+    items, stats = build_pairwise(round_samples, "all", {"quantile": 0.5}, seed=0)
+    assert stats["threshold"] == pytest.approx(2.5)
+    assert sorted(i["reward_difference"] for i in items) == [3.0, 10.0]
+
+
+def test_no_mode_ever_pairs_a_tie_identical_texts_or_a_nan():
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for p in range(30):
+        texts = [rng.choice("abcd") for _ in range(5)]
+        rewards = [rng.choice([0.0, 0.5, 1.0, math.nan]) for _ in range(5)]
+        rows += samples(rewards, outputs=texts, prompt_id=f"p{p}")
+    for mode in ("random", "max", "min", "all"):
+        for threshold in (0.0, 0.4, {"quantile": 0.5}):
+            items, _ = build_pairwise(rows, mode, threshold, seed=1)
+            for item in items:
+                assert item["reward_A"] != item["reward_B"], (mode, threshold)
+                assert item["output_A"] != item["output_B"], (mode, threshold)
+                assert not math.isnan(item["reward_A"]) and not math.isnan(item["reward_B"])
+
+
+@pytest.mark.parametrize("mode", ["random", "max", "min", "all"])
+def test_every_prompt_is_either_kept_or_dropped_with_a_reason(mode):
+    rows = (samples([0.0, 1.0], prompt_id="kept") + samples([0.5, 0.5], prompt_id="tie")
+            + samples([0.1, 0.9], outputs=["x", "x"], prompt_id="same") + samples([0.0, 0.05], prompt_id="close")
+            + samples([math.nan, 0.3], prompt_id="nan") + samples([math.nan], prompt_id="lonely"))
+    items, stats = build_pairwise(rows, mode, 0.1, seed=0)
+    dropped = {k.removeprefix("prompts_dropped_"): v for k, v in stats.items() if k.startswith("prompts_dropped_")}
+    assert stats["prompts"] == 6 and stats["prompts_kept"] == 1
+    assert dropped == {"tie": 1, "identical_text": 1, "below_threshold": 1, "fewer_than_two_valid": 2}
+    assert stats["samples"] == 11 and stats["samples_nan_reward"] == 2 and stats["samples_in_pairs"] == 2
+
+
+def test_binary_threshold_as_a_quantile():
+    items, stats = build_binary(samples([0.0, 1.0, 2.0, 3.0, 4.0]), {"quantile": 0.75})
+    assert [i["label"] for i in items] == [0, 0, 0, 1, 1] and stats["threshold"] == 3.0
+
+
+def test_binary_per_prompt_threshold_compares_samples_of_the_same_prompt():
+    rows = samples([0.0, 1.0], prompt_id="low") + samples([5.0, 9.0], prompt_id="high")
+    by_round, _ = build_binary(rows, "mean")
+    by_prompt, stats = build_binary(rows, "mean", scope="prompt")
+    assert [i["label"] for i in by_round] == [0, 0, 1, 1]
+    assert [i["label"] for i in by_prompt] == [0, 1, 0, 1]
+    assert stats["threshold"] is None
+
+
+def test_binary_per_prompt_drops_a_prompt_whose_rewards_are_all_equal():
+    rows = samples([0.3, 0.3], prompt_id="flat") + samples([0.0, 1.0], prompt_id="ok") + samples(
+        [math.nan, math.nan], prompt_id="failed")
+    items, stats = build_binary(rows, "median", scope="prompt")
+    assert {i["prompt_id"] for i in items} == {"ok"}
+    assert stats["prompts_dropped_all_equal"] == 1 and stats["prompts_dropped_no_valid_reward"] == 1
+    assert stats["prompts"] == stats["prompts_kept"] + 2
+
+
+def test_binary_number_threshold_is_the_same_in_both_scopes():
+    rows = samples([0.3, 0.3], prompt_id="a") + samples([0.0, 1.0], prompt_id="b")
+    assert build_binary(rows, 0.3) == build_binary(rows, 0.3, scope="prompt")
+
+
+def test_scalar_counts_prompts_without_a_valid_reward():
+    rows = samples([0.1, math.nan], prompt_id="a") + samples([math.nan], prompt_id="b")
+    items, stats = build_scalar(rows)
+    assert [i["reward"] for i in items] == [0.1]
+    assert stats["prompts_dropped_no_valid_reward"] == 1 and stats["prompts_kept"] == 1
+
+
+def test_feedback_stats_record_the_settings_and_the_threshold_used():
+    from iteralign import config as cfg
+    from iteralign.feedback import build_feedback
+
+    config = cfg.validate({"feedback": {"pairwise": {"mode": "all", "threshold": {"quantile": 0.5}}}})
+    _, stats = build_feedback(samples([0.0, 1.0, 3.0]), config, round_n=1)
+    assert stats["type"] == "pairwise" and stats["mode"] == "all"
+    assert stats["threshold_setting"] == {"quantile": 0.5} and stats["threshold"] == pytest.approx(2.0)
+
+
+def test_halos_integer_prompt_ids_are_read_as_strings(tmp_path):
+    path = tmp_path / "f.json"
+    item, _ = build_binary(samples([0.0, 1.0]), "mean")
+    path.write_text(json.dumps([{**i, "prompt_id": 7} for i in item]))
+    assert [i["prompt_id"] for i in load_feedback(path)] == ["7", "7"]

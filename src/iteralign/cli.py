@@ -22,7 +22,7 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -105,16 +105,28 @@ def cmd_sample(args) -> None:
 
 def cmd_score(args) -> None:
     from iteralign.artifacts import check_columns, read_parquet, write_parquet
-    from iteralign.score import score_samples
+    from iteralign.score import is_main_process, score_samples
 
     config = _config(args)
-    prov = _provenance("score", config, {"samples": args.samples})
+    _threads(args)
+    scoring, inputs = config["scoring"], {"samples": args.samples}
+    if scoring["scorer"] == "reward_model":
+        from iteralign.score.reward_model import check_checkpoint
+
+        rm = scoring["reward_model"]
+        inputs["reward_model"] = check_checkpoint(rm["path"], rm["trust_remote_code"])
+    main = is_main_process()  # under accelerate launch, every process scores a share; rank 0 writes
+    prov = _provenance("score", config, inputs) if main else None
     samples = read_parquet(args.samples)
     check_columns(samples, ["prompt_id", "sample_id", "prompt", "output"], args.samples)
     rewards, result = score_samples(samples, config)
+    if not main:
+        return
     failed = int(rewards["reward"].isna().sum())
-    log.info("round %d: scored %d samples, mean reward %.4f, %d failed", args.round, len(rewards),
-             rewards["reward"].mean(), failed)
+    log.info("round %d: scored %d samples with %s, mean reward %.4f, %d failed", args.round, len(rewards),
+             scoring["scorer"], rewards["reward"].mean(), failed)
+    if result.usage:
+        log.info("round %d: scorer usage %s", args.round, result.usage)
     write_parquet(rewards, args.output, prov.record(round=args.round, failed=failed, usage=result.usage))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,47 @@ def _check_consistency(config: dict, source: str) -> None:
         raise ConfigError(
             f"{source}: training.max_prompt_length ({training['max_prompt_length']}) must be below "
             f"training.max_length ({training['max_length']})"
+        )
+    _check_scoring(config["scoring"], source)
+
+
+def _check_scoring(scoring: dict, source: str) -> None:
+    """The chosen scorer has what it needs; GPUs only where a model runs."""
+    kind = scoring["scorer"]
+    if kind == "reward_model" and not scoring["reward_model"]["path"]:
+        raise ConfigError(f"{source}: scoring.scorer='reward_model' needs scoring.reward_model.path, found null")
+    if kind == "judge" and not scoring["judge"]["model"]:
+        raise ConfigError(f"{source}: scoring.scorer='judge' needs scoring.judge.model, found null")
+    if kind != "reward_model" and scoring["gpus"] > 0:
+        raise ConfigError(
+            f"{source}: scoring.gpus={scoring['gpus']} but scorer {kind!r} runs no model on a GPU; set scoring.gpus: 0"
+        )
+    rm = scoring["reward_model"]
+    if rm["objective_weights"] and rm["head"] not in ("auto", "multi_objective"):
+        raise ConfigError(
+            f"{source}: scoring.reward_model.objective_weights needs head 'multi_objective' (or 'auto'), "
+            f"found head={rm['head']!r}"
+        )
+    if rm["objective_weights"] and rm["objectives"]:
+        unknown = sorted(set(rm["objective_weights"]) - set(rm["objectives"]))
+        if unknown:
+            raise ConfigError(
+                f"{source}: scoring.reward_model.objective_weights names {unknown}, which are not in "
+                f"scoring.reward_model.objectives {rm['objectives']}"
+            )
+    judge = scoring["judge"]
+    if "{output}" not in judge["template"]:
+        raise ConfigError(f"{source}: scoring.judge.template must contain {{output}}, found {judge['template']!r}")
+    low_high = judge["score_range"]
+    if low_high is not None and low_high[0] > low_high[1]:
+        raise ConfigError(f"{source}: scoring.judge.score_range {low_high} has lo > hi")
+    try:
+        groups = re.compile(judge["score_pattern"]).groups
+    except re.error as exc:
+        raise ConfigError(f"{source}: scoring.judge.score_pattern is not a regular expression ({exc})") from None
+    if groups != 1:
+        raise ConfigError(
+            f"{source}: scoring.judge.score_pattern must have exactly one group (the number), found {groups}"
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 FEEDBACK_TYPES = ("pairwise_feedback", "binary_feedback", "scalar_feedback")
+PAIRWISE_MODES = ("random", "max", "min", "all")
 _REQUIRED = {
     "pairwise_feedback": ("prompt_id", "prompt", "output_A", "output_B", "label"),
     "binary_feedback": ("prompt_id", "prompt", "output", "label"),
@@ -74,113 +75,187 @@ def _eligible(a: dict, b: dict, threshold: float) -> str | None:
     return None
 
 
+def _is_quantile(threshold) -> bool:
+    return isinstance(threshold, dict) and set(threshold) == {"quantile"}
+
+
+def round_gaps(samples: list[dict]) -> list[float]:
+    """Non-zero reward gaps between two different texts of the same prompt (valid rewards only)."""
+    gaps = []
+    for group in _group(_valid(samples)).values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                gap = abs(group[i]["reward"] - group[j]["reward"])
+                if gap > 0 and group[i]["output"] != group[j]["output"]:
+                    gaps.append(gap)
+    return gaps
+
+
+def pairwise_threshold(samples: list[dict], threshold) -> float:
+    """A number as it is; ``{"quantile": q}``: the q-quantile of the round's gaps (0 when there are none)."""
+    if _is_quantile(threshold):
+        gaps = round_gaps(samples)
+        return float(np.quantile(gaps, threshold["quantile"])) if gaps else 0.0
+    if isinstance(threshold, int | float) and not isinstance(threshold, bool) and threshold >= 0:
+        return float(threshold)
+    raise ValueError(
+        f"feedback.pairwise.threshold: found {threshold!r}; expected a number >= 0 or {{quantile: q}}"
+    )
+
+
+def _candidates(group: list[dict], mode: str, rng: np.random.Generator) -> list[tuple[dict, dict]]:
+    """The pairs a mode considers: random, the shuffled samples two by two; else every two samples."""
+    if mode == "random":
+        order = rng.permutation(len(group))
+        return [(group[order[i]], group[order[i + 1]]) for i in range(0, len(order) - 1, 2)]
+    return [(group[i], group[j]) for i in range(len(group)) for j in range(i + 1, len(group))]
+
+
+def _gap(pair: tuple[dict, dict]) -> float:
+    return abs(pair[0]["reward"] - pair[1]["reward"])
+
+
+def _choose(eligible: list[tuple[dict, dict]], mode: str, rng: np.random.Generator) -> tuple[list, int]:
+    """The pairs a mode keeps out of the eligible ones, and how many it left out as duplicates."""
+    if mode == "random" or not eligible:
+        return eligible, 0
+    if mode in ("max", "min"):
+        best = max(map(_gap, eligible)) if mode == "max" else min(map(_gap, eligible))
+        tied = [pair for pair in eligible if _gap(pair) == best]
+        return [tied[rng.integers(len(tied))]], 0
+    # all: largest gaps first; a pair of texts already paired (duplicate samples) is not repeated
+    kept, seen = [], set()
+    for pair in sorted(eligible, key=_gap, reverse=True):
+        texts = frozenset((pair[0]["output"], pair[1]["output"]))
+        if texts not in seen:
+            seen.add(texts)
+            kept.append(pair)
+    return kept, len(eligible) - len(kept)
+
+
 def build_pairwise(
-    samples: list[dict], mode: str, threshold: float, seed: int, round_n: int | None = None
+    samples: list[dict], mode: str, threshold, seed: int, round_n: int | None = None
 ) -> tuple[list[dict], dict]:
     """Pairs per prompt. ``samples``: dicts with prompt_id, sample_id, prompt, output, reward.
 
     modes: ``random`` shuffles a prompt's samples and pairs them two by two (as HALOs);
     ``max`` takes the eligible pair with the largest gap (best vs worst); ``min`` the
-    eligible pair with the smallest gap strictly above ``threshold``. A pair is
-    eligible when the gap is > 0 and > threshold and the two texts differ.
-    Returns the items and counts of what was kept and dropped.
+    eligible pair with the smallest gap; ``all`` every eligible pair (a pair of texts
+    once). A pair is eligible when its gap is > 0 and > threshold and the two texts
+    differ. ``threshold``: a number, or ``{"quantile": q}`` of the round's gaps.
+    Returns the items and counts of what was kept and dropped, and why.
     """
-    if mode not in ("random", "max", "min"):
-        raise ValueError(f"feedback.pairwise.mode: unknown mode {mode!r}; expected random, max or min")
+    if mode not in PAIRWISE_MODES:
+        raise ValueError(f"feedback.pairwise.mode: unknown mode {mode!r}; expected one of {list(PAIRWISE_MODES)}")
+    cut = pairwise_threshold(samples, threshold)
     rng = np.random.default_rng(seed)
     stats: Counter = Counter()
-    stats["samples"] = len(samples)
     valid = _valid(samples)
-    stats["samples_nan_reward"] = len(samples) - len(valid)
-    groups = _group(samples)
+    stats.update(samples=len(samples), samples_nan_reward=len(samples) - len(valid))
+    groups, valid_groups = _group(samples), _group(valid)
     stats["prompts"] = len(groups)
-    valid_groups = _group(valid)
     items: list[dict] = []
     for prompt_id in groups:  # insertion order: as the samples file lists prompts
         group = valid_groups.get(prompt_id, [])
         if len(group) < 2:
             stats["prompts_dropped_fewer_than_two_valid"] += 1
             continue
-        kept_before = len(items)
-        reasons: Counter = Counter()
-        if mode == "random":
-            order = rng.permutation(len(group))
-            for i in range(0, len(order) - 1, 2):
-                a, b = group[order[i]], group[order[i + 1]]
-                why = _eligible(a, b, threshold)
-                if why is None:
-                    items.append(_pair_item(a, b, rng, round_n))
-                else:
-                    reasons[why] += 1
-        else:
-            candidates = []
-            for i in range(len(group)):
-                for j in range(i + 1, len(group)):
-                    why = _eligible(group[i], group[j], threshold)
-                    if why is None:
-                        candidates.append((abs(group[i]["reward"] - group[j]["reward"]), i, j))
-                    else:
-                        reasons[why] += 1
-            if candidates:
-                best = max(c[0] for c in candidates) if mode == "max" else min(c[0] for c in candidates)
-                tied = [c for c in candidates if c[0] == best]
-                _, i, j = tied[rng.integers(len(tied))]
-                items.append(_pair_item(group[i], group[j], rng, round_n))
-        if len(items) == kept_before:
+        eligible, reasons = [], Counter()
+        for a, b in _candidates(group, mode, rng):
+            why = _eligible(a, b, cut)
+            if why is None:
+                eligible.append((a, b))
+            else:
+                reasons[why] += 1
+        chosen, duplicates = _choose(eligible, mode, rng)
+        items.extend(_pair_item(a, b, rng, round_n) for a, b in chosen)
+        for why, count in reasons.items():
+            stats[f"pairs_dropped_{why}"] += count
+        stats["pairs_dropped_duplicate_texts"] += duplicates
+        if not chosen:
             # name the strongest reason this prompt gave nothing
-            for why in ("tie", "identical_text", "below_threshold"):
-                if reasons[why]:
-                    stats[f"prompts_dropped_{why}"] += 1
-                    break
+            why = next(w for w in ("tie", "identical_text", "below_threshold") if reasons[w])
+            stats[f"prompts_dropped_{why}"] += 1
     stats["pairs"] = len(items)
     stats["prompts_kept"] = len({item["prompt_id"] for item in items})
+    stats["samples_in_pairs"] = len({(i["prompt_id"], i[k]) for i in items for k in ("sample_id_A", "sample_id_B")})
+    stats["threshold"] = cut
     return items, dict(stats)
 
 
 def binary_threshold(rewards: list[float], threshold) -> float:
+    """The cut of ``mean``, ``median``, ``{"quantile": q}`` over ``rewards``, or a number as it is."""
     if threshold == "mean":
         return float(np.mean(rewards))
     if threshold == "median":
         return float(np.median(rewards))
+    if _is_quantile(threshold):
+        return float(np.quantile(rewards, threshold["quantile"]))
     if isinstance(threshold, int | float) and not isinstance(threshold, bool):
         return float(threshold)
-    raise ValueError(f"feedback.binary.threshold: found {threshold!r}; expected 'mean', 'median' or a number")
+    raise ValueError(
+        f"feedback.binary.threshold: found {threshold!r}; expected 'mean', 'median', {{quantile: q}} or a number"
+    )
 
 
-def build_binary(samples: list[dict], threshold, round_n: int | None = None) -> tuple[list[dict], dict]:
-    """label 1 when reward >= threshold (as HALOs), over the round's valid rewards."""
+def _binary_item(s: dict, cut: float, round_n: int | None) -> dict:
+    item = {
+        "type": "binary_feedback",
+        "prompt_id": s["prompt_id"],
+        "prompt": s["prompt"],
+        "output": _assistant(s["output"]),
+        "label": int(s["reward"] >= cut),
+        "reward": float(s["reward"]),
+        "sample_id": int(s["sample_id"]),
+    }
+    if round_n is not None:
+        item["round"] = round_n
+    return item
+
+
+def build_binary(samples: list[dict], threshold, round_n: int | None = None,
+                 scope: str = "round") -> tuple[list[dict], dict]:
+    """label 1 when reward >= threshold (as HALOs).
+
+    ``scope="round"``: mean/median/quantile over the round's valid rewards. ``scope="prompt"``:
+    over each prompt's own valid rewards; a prompt whose valid rewards are all equal gives
+    no item then (every sample would be "desirable" relative to itself). A number is the
+    same in both scopes.
+    """
+    if scope not in ("round", "prompt"):
+        raise ValueError(f"feedback.binary.scope: found {scope!r}; expected 'round' or 'prompt'")
     valid = _valid(samples)
-    stats = {"samples": len(samples), "samples_nan_reward": len(samples) - len(valid),
-             "prompts": len(_group(samples))}
-    if not valid:
-        return [], {**stats, "items": 0, "prompts_kept": 0}
-    cut = binary_threshold([s["reward"] for s in valid], threshold)
+    groups, valid_groups = _group(samples), _group(valid)
+    stats: Counter = Counter(samples=len(samples), samples_nan_reward=len(samples) - len(valid), prompts=len(groups))
+    relative = not isinstance(threshold, int | float) or isinstance(threshold, bool)
+    round_cut = binary_threshold([s["reward"] for s in valid], threshold) if valid else None
     items = []
-    for s in valid:
-        item = {
-            "type": "binary_feedback",
-            "prompt_id": s["prompt_id"],
-            "prompt": s["prompt"],
-            "output": _assistant(s["output"]),
-            "label": int(s["reward"] >= cut),
-            "reward": float(s["reward"]),
-            "sample_id": int(s["sample_id"]),
-        }
-        if round_n is not None:
-            item["round"] = round_n
-        items.append(item)
+    for prompt_id in groups:
+        group = valid_groups.get(prompt_id, [])
+        if not group:
+            stats["prompts_dropped_no_valid_reward"] += 1
+            continue
+        cut = round_cut
+        if scope == "prompt" and relative:
+            if len({s["reward"] for s in group}) < 2:
+                stats["prompts_dropped_all_equal"] += 1
+                continue
+            cut = binary_threshold([s["reward"] for s in group], threshold)
+        items.extend(_binary_item(s, cut, round_n) for s in group)
     desirable = sum(i["label"] for i in items)
-    stats.update(items=len(items), threshold=cut, desirable=desirable, undesirable=len(items) - desirable,
+    stats.update(items=len(items), desirable=desirable, undesirable=len(items) - desirable,
                  prompts_kept=len({i["prompt_id"] for i in items}))
-    return items, stats
+    stats["threshold"] = None if scope == "prompt" and relative else round_cut
+    return items, dict(stats)
 
 
 def build_scalar(samples: list[dict], round_n: int | None = None) -> tuple[list[dict], dict]:
-    """The valid rewards as they are, in prompt order (grouped by prompt)."""
+    """The valid rewards as they are, grouped by prompt (in the order prompts first appear)."""
     valid = _valid(samples)
+    groups, valid_groups = _group(samples), _group(valid)
     items = []
-    for group in _group(valid).values():
-        for s in group:
+    for prompt_id in groups:
+        for s in valid_groups.get(prompt_id, []):
             item = {"type": "scalar_feedback", "prompt_id": s["prompt_id"], "prompt": s["prompt"],
                     "output": _assistant(s["output"]), "reward": float(s["reward"]),
                     "sample_id": int(s["sample_id"])}
@@ -188,18 +263,26 @@ def build_scalar(samples: list[dict], round_n: int | None = None) -> tuple[list[
                 item["round"] = round_n
             items.append(item)
     return items, {"samples": len(samples), "samples_nan_reward": len(samples) - len(valid),
-                   "prompts": len(_group(samples)), "items": len(items),
-                   "prompts_kept": len(_group(valid))}
+                   "prompts": len(groups), "items": len(items), "prompts_kept": len(valid_groups),
+                   "prompts_dropped_no_valid_reward": len(groups) - len(valid_groups)}
 
 
 def build_feedback(samples: list[dict], config: dict, round_n: int) -> tuple[list[dict], dict]:
+    """The round's feedback items and stats, as ``config["feedback"]`` says."""
     cfg = config["feedback"]
     seed = config["seed"] * 1_000_003 + round_n
     if cfg["type"] == "pairwise":
-        return build_pairwise(samples, cfg["pairwise"]["mode"], cfg["pairwise"]["threshold"], seed, round_n)
-    if cfg["type"] == "binary":
-        return build_binary(samples, cfg["binary"]["threshold"], round_n)
-    return build_scalar(samples, round_n)
+        pairwise = cfg["pairwise"]
+        items, stats = build_pairwise(samples, pairwise["mode"], pairwise["threshold"], seed, round_n)
+        settings = {"mode": pairwise["mode"], "threshold_setting": pairwise["threshold"]}
+    elif cfg["type"] == "binary":
+        binary = cfg["binary"]
+        items, stats = build_binary(samples, binary["threshold"], round_n, scope=binary["scope"])
+        settings = {"scope": binary["scope"], "threshold_setting": binary["threshold"]}
+    else:
+        items, stats = build_scalar(samples, round_n)
+        settings = {}
+    return items, {"type": cfg["type"], **settings, **stats}
 
 
 # ---------------------------------------------------------------- reading
@@ -238,6 +321,9 @@ def load_feedback(path: str | Path) -> list[dict]:
         except PromptError as exc:
             raise FeedbackError(str(exc)) from None
         item.setdefault("prompt_id", prompt_id(item["prompt"]))
+        if isinstance(item["prompt_id"], bool) or not isinstance(item["prompt_id"], int | str):
+            raise FeedbackError(f"{where}: prompt_id is {item['prompt_id']!r}; expected a string or an integer")
+        item["prompt_id"] = str(item["prompt_id"])  # HALOs numbers its prompts 0, 1, ...
         if kind == "pairwise_feedback":
             item["output_A_text"] = _output_text(item["output_A"], where, "output_A")
             item["output_B_text"] = _output_text(item["output_B"], where, "output_B")

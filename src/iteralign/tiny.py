@@ -35,19 +35,19 @@ def build_char_tokenizer(alphabet: str):
     return tokenizer
 
 
-def build_llama(
+def llama_config(
     tokenizer,
     hidden_size: int = 128,
     intermediate_size: int = 256,
     num_layers: int = 2,
     num_heads: int = 4,
     max_position_embeddings: int = 64,
-    seed: int = 0,
+    **extra,
 ):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A LlamaConfig sized as asked, with the tokenizer's vocabulary and special tokens."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -58,7 +58,34 @@ def build_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        **extra,
     )
+
+
+def build_llama(
+    tokenizer,
+    hidden_size: int = 128,
+    intermediate_size: int = 256,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 64,
+    seed: int = 0,
+):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
+                          max_position_embeddings, tie_word_embeddings=True)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def build_llama_classifier(tokenizer, num_labels: int = 1, seed: int = 0, **shape):
+    """A randomly initialised LlamaForSequenceClassification: a stand-in reward model
+    (1 label: Bradley-Terry head, 2 labels: two-class head). ``shape``: llama_config's sizes."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    config = llama_config(tokenizer, num_labels=num_labels, **shape)
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config)
