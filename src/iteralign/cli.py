@@ -26,6 +26,15 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _log_job_environment(step: str) -> None:
+    """One line with the scheduler job and visible GPUs (JSON), so a job's log shows its grant."""
+    import json
+
+    from iteralign.cluster import job_environment
+
+    log.info("%s: job environment %s", step, json.dumps(job_environment(), sort_keys=True))
+
+
 def _config(args):
     from iteralign import config as cfg
 
@@ -270,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    _log_job_environment(args.step)
     try:
         args.func(args)
     except (ConfigError, PromptError, FeedbackError, FileNotFoundError, ValueError) as exc:
