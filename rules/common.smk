@@ -101,6 +101,19 @@ def output_folder(wildcards, output):
     return str(Path(output[0]).parent)
 
 
+def later_training_metrics(wildcards):
+    """train_r{n+K}.jsonl: round n+K finished training (checkpoints.keep_last = K)."""
+    return result(f"train_r{int(wildcards.n) + config['checkpoints']['keep_last']}.jsonl")
+
+
+def pruned_checkpoints():
+    """ckpt_r{n}/pruned.json of every round whose checkpoint retention deletes (none when keep_last is null)."""
+    keep = config["checkpoints"]["keep_last"]
+    if keep is None:
+        return []
+    return expand(result("ckpt_r{n}/pruned.json"), n=range(1, ROUNDS - keep + 1))
+
+
 def final_targets():
     return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
 
