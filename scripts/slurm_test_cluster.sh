@@ -45,7 +45,7 @@ write_config() {
     cat >"$STATE/slurm.conf.new" <<EOF
 # Written by scripts/slurm_test_cluster.sh: a one-node test cluster with fake GPUs.
 ClusterName=iteralign
-SlurmctldHost=$HOST
+SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -66,7 +66,7 @@ SlurmdPidFile=$STATE/slurmd.pid
 SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 GresTypes=gpu
-NodeName=$HOST CPUs=$cpus RealMemory=$mem_mb Gres=gpu:$GPUS State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$STATE/gres.conf.new" <<EOF
