@@ -1,4 +1,7 @@
-"""Checkpoint retention (checkpoints.keep_last): what may be deleted, when, and what never is."""
+"""Checkpoint retention (checkpoints.keep_last): what may be deleted, when, and what never is.
+
+Through Snakemake (deletion during a run, no re-run afterwards): tests/test_workflow.py.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_workflow import EXP, new_workdir, snakemake
 
-from iteralign.artifacts import dir_sha256
 from iteralign.config import dump, validate
 from iteralign.retention import RetentionError, prune_checkpoint
 
@@ -144,44 +145,3 @@ def test_the_command_refuses_in_one_line(experiment, tmp_path):
                      str(checkpoint(experiment, 0)), "--output", str(tmp_path / "pruned.json"), check=False)
     assert result.returncode == 2
     assert "iteralign prune: error: round 0: ckpt_r0 is the SFT reference and is never deleted" in result.stderr
-
-
-# ---------------------------------------------------------------- through Snakemake
-@pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory, tiny_checkpoint) -> Path:
-    """Two micro rounds from a user's SFT checkpoint (link_sft) with keep_last 1."""
-    root = tmp_path_factory.mktemp("retention")
-    user_sft = root / "user_sft"
-    shutil.copytree(tiny_checkpoint, user_sft)
-    workdir = new_workdir(root / "run", rounds=2, checkpoints={"keep_last": 1},
-                          policy={"sft_checkpoint": str(user_sft)})
-    snakemake(workdir)
-    return workdir
-
-
-pytestmark_workflow = pytest.mark.workflow
-
-
-@pytestmark_workflow
-def test_the_workflow_deletes_older_checkpoints_and_keeps_the_last_and_the_reference(pruned_run):
-    exp = pruned_run / EXP
-    assert not (exp / "ckpt_r1/FINAL").exists()
-    assert json.loads((exp / "ckpt_r1/pruned.json").read_text())["deleted"] is True
-    assert (exp / "ckpt_r2/FINAL/trainer_state.json").exists()
-    assert (exp / "ckpt_r0/FINAL").is_symlink() and (exp / "ckpt_r0/FINAL/config.json").exists()
-    assert (exp / "eval_r1.json").exists() and (exp / "eval_r2.json").exists()
-
-
-@pytestmark_workflow
-def test_the_users_sft_checkpoint_is_untouched_by_a_pruning_run(pruned_run, tiny_checkpoint):
-    assert dir_sha256(pruned_run.parent / "user_sft") == dir_sha256(tiny_checkpoint)
-
-
-@pytestmark_workflow
-def test_deleted_checkpoints_do_not_make_snakemake_rerun_finished_rounds(pruned_run):
-    dry = snakemake(pruned_run, "-n")
-    assert "Nothing to be done" in dry.stdout + dry.stderr
-    before = {p: p.stat().st_mtime_ns for p in (pruned_run / EXP).rglob("*") if p.is_file()}
-    snakemake(pruned_run)
-    after = {p: p.stat().st_mtime_ns for p in (pruned_run / EXP).rglob("*") if p.is_file()}
-    assert after == before
