@@ -31,9 +31,11 @@ include: "rules/reference.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/audit.smk"
+include: "rules/retention.smk"
 
 
 rule all:
     default_target: True
     input:
         final_targets(),
+        pruned_checkpoints(),

@@ -12,5 +12,7 @@ rule audit:
     benchmark:
         bench_file("audit.tsv")
     localrule: True
+    conda:
+        conda_env("audit")
     shell:
         "iteralign audit {params.results} --benchmarks {params.benchmarks} --output {output} > {log} 2>&1"

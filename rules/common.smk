@@ -48,6 +48,8 @@ def _resolved_config_file():
 
 
 os.environ.setdefault("ITERALIGN_GIT_COMMIT", _git_commit())
+# envs/install-iteralign.sh (the post-deploy script of every conda env) installs the package from here.
+os.environ.setdefault("ITERALIGN_SOURCE", str(workflow.basedir))
 CONFIG_FILE = _resolved_config_file()
 
 
@@ -110,12 +112,28 @@ def output_folder(wildcards, output):
     return str(Path(output[0]).parent)
 
 
+def later_training_metrics(wildcards):
+    """train_r{n+K}.jsonl: round n+K finished training (checkpoints.keep_last = K)."""
+    return result(f"train_r{int(wildcards.n) + config['checkpoints']['keep_last']}.jsonl")
+
+
+def pruned_checkpoints():
+    """ckpt_r{n}/pruned.json of every round whose checkpoint retention deletes (none when keep_last is null)."""
+    keep = config["checkpoints"]["keep_last"]
+    if keep is None:
+        return []
+    return expand(result("ckpt_r{n}/pruned.json"), n=range(1, ROUNDS - keep + 1))
+
+
 def final_targets():
     return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
 
 
 # ---------------------------------------------------------------- resources
-_RESOURCE_DEFAULTS = {"mem_mb": 8000, "runtime": 120, "threads": 1}
+# Optional keys (None) are left out of a job's resources, so a profile's
+# default-resources still apply to them.
+_RESOURCE_DEFAULTS = {"mem_mb": 8000, "runtime": 120, "threads": 1, "cpus_per_gpu": None, "gpu_model": None,
+                      "partition": None, "account": None, "slurm_extra": None}
 
 
 def resource(step, key):
@@ -132,7 +150,8 @@ def launcher(step):
     processes = gpus(step)
     if processes <= 1:
         return "iteralign"
-    return f"accelerate launch --num_processes {processes} -m iteralign.cli"
+    command = f"accelerate launch {multinode_launch_options(step)}--num_processes {processes} -m iteralign.cli"
+    return per_node(step, command)  # issue 5: one launcher per node of a multi-node job
 
 
 def gpus(step):
@@ -141,6 +160,81 @@ def gpus(step):
         return config["sampling"]["tensor_parallel_size"]
     if step == "score":
         return config["scoring"]["gpus"]
-    if step in ("reference", "train"):
+    if step in ("reference", "train", "sft"):
         return config["training"]["gpus"] * config["training"]["nodes"]
     return 0
+
+
+def job_resources(step):
+    """Scheduler resources of a step's jobs, every value from the config (docs/cluster.md).
+
+    gpu, cpus_per_gpu, gpu_model, mem_mb, runtime, slurm_partition, slurm_account
+    and slurm_extra are what snakemake-executor-plugin-slurm reads; multi-node
+    steps add nodes, tasks and mpi. Partition and account fall back to
+    $SBATCH_PARTITION / $SBATCH_ACCOUNT. Unset keys are left out.
+    """
+    count = gpus(step)
+    values = {
+        "gpu": count,
+        "cpus_per_gpu": resource(step, "cpus_per_gpu") if count else None,
+        "gpu_model": resource(step, "gpu_model") if count else None,
+        "mem_mb": resource(step, "mem_mb"),
+        "runtime": resource(step, "runtime"),
+        "slurm_partition": resource(step, "partition") or os.environ.get("SBATCH_PARTITION"),
+        "slurm_account": resource(step, "account") or os.environ.get("SBATCH_ACCOUNT"),
+        "slurm_extra": resource(step, "slurm_extra"),
+    }
+    values.update(multinode_resources(step, values["slurm_extra"]))
+    return {key: value for key, value in values.items() if value is not None}
+
+
+# ---------------------------------------------------------------- multi-node training (issue 5)
+# Steps that may span training.nodes nodes: SLURM starts one task per node
+# (`mpi: srun`), and each task runs one `accelerate launch` for its node's GPUs,
+# with the first node of the allocation as the main process.
+MULTINODE_STEPS = ("reference", "train")
+MAIN_PROCESS_PORT = "$((29500 + SLURM_JOB_ID % 10000))"  # jobs sharing a node get different ports
+
+
+def nodes(step):
+    return config["training"]["nodes"] if step in MULTINODE_STEPS else 1
+
+
+def multinode_resources(step, slurm_extra):
+    """nodes, one task per node, `mpi: srun`, and the GPUs spread evenly over the nodes."""
+    count = nodes(step)
+    if count <= 1:
+        return {}
+    per_node_gpus = f"--gpus-per-node={config['training']['gpus']}"
+    return {"nodes": count, "tasks": count, "mpi": "srun",
+            "slurm_extra": f"{slurm_extra} {per_node_gpus}" if slurm_extra else per_node_gpus}
+
+
+def multinode_launch_options(step):
+    """accelerate launch options naming this node's rank and the main node (read when the task starts)."""
+    count = nodes(step)
+    if count <= 1:
+        return ""
+    main_node = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    return (f"--num_machines {count} --machine_rank $SLURM_NODEID --main_process_ip {main_node} "
+            f"--main_process_port {MAIN_PROCESS_PORT} ")
+
+
+def per_node(step, command):
+    """Run ``command`` once per node through srun; the rule's arguments follow as "$@"."""
+    if nodes(step) <= 1:
+        return command
+    return f"srun --ntasks-per-node=1 bash -c 'exec {command} \"$@\"' iteralign"
+
+
+# ---------------------------------------------------------------- environments
+# One conda env per kind of rule (--sdm conda on a cluster); `make demo` uses .venv.
+_CONDA_ENVS = {"sample": "vllm", "evaluate": "vllm"}
+
+
+def conda_env(step):
+    """The rule's conda env file (relative to rules/): vllm for sampling, judge for an API judge, else train."""
+    name = _CONDA_ENVS.get(step, "train")
+    if step == "score" and config["scoring"]["scorer"] == "judge":
+        name = "judge"
+    return f"../envs/{name}.yaml"

@@ -17,9 +17,9 @@ rule evaluate:
         bench_file("evaluate_r{n}.tsv")
     threads: resource("evaluate", "threads")
     resources:
-        gpu=gpus("evaluate"),
-        mem_mb=resource("evaluate", "mem_mb"),
-        runtime=resource("evaluate", "runtime"),
+        **job_resources("evaluate"),
+    conda:
+        conda_env("evaluate")
     shell:
         "iteralign evaluate --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
         "--checkpoint {input.checkpoint} --reference-checkpoint {input.reference} {params.baseline} "

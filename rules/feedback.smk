@@ -14,9 +14,9 @@ rule feedback:
         n=r"[1-9]\d*",
     threads: resource("feedback", "threads")
     resources:
-        gpu=0,
-        mem_mb=resource("feedback", "mem_mb"),
-        runtime=resource("feedback", "runtime"),
+        **job_resources("feedback"),
+    conda:
+        conda_env("feedback")
     shell:
         "iteralign feedback --config {params.config} --round {wildcards.n} --samples {input.samples} "
         "--rewards {input.rewards} --output {output} > {log} 2>&1"

@@ -11,8 +11,8 @@ rule plan:
         bench_file("plan.tsv")
     threads: resource("plan", "threads")
     resources:
-        gpu=0,
-        mem_mb=resource("plan", "mem_mb"),
-        runtime=resource("plan", "runtime"),
+        **job_resources("plan"),
+    conda:
+        conda_env("plan")
     shell:
         "iteralign plan --config {params.config} --output {output} > {log} 2>&1"

@@ -17,9 +17,9 @@ rule reference:
         n=r"[1-9]\d*",
     threads: resource("reference", "threads")
     resources:
-        gpu=gpus("reference"),
-        mem_mb=resource("reference", "mem_mb"),
-        runtime=resource("reference", "runtime"),
+        **job_resources("reference"),
+    conda:
+        conda_env("reference")
     shell:
         "{params.launch} reference --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
         "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

@@ -14,9 +14,9 @@ rule sample:
         n=r"[1-9]\d*",
     threads: resource("sample", "threads")
     resources:
-        gpu=gpus("sample"),
-        mem_mb=resource("sample", "mem_mb"),
-        runtime=resource("sample", "runtime"),
+        **job_resources("sample"),
+    conda:
+        conda_env("sample")
     shell:
         "iteralign sample --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
         "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

@@ -15,9 +15,9 @@ rule score:
         n=r"[1-9]\d*",
     threads: resource("score", "threads")
     resources:
-        gpu=gpus("score"),
-        mem_mb=resource("score", "mem_mb"),
-        runtime=resource("score", "runtime"),
+        **job_resources("score"),
+    conda:
+        conda_env("score")
     shell:
         "{params.launch} score --config {params.config} --round {wildcards.n} --samples {input.samples} "
         "--output {output} --threads {threads} > {log} 2>&1"

@@ -11,6 +11,8 @@ if config["policy"]["sft_checkpoint"]:
         benchmark:
             bench_file("link_sft.tsv")
         localrule: True
+        conda:
+            conda_env("link_sft")
         shell:
             "iteralign link-sft --config {params.config} --output {output} > {log} 2>&1"
 
@@ -30,9 +32,9 @@ else:
             bench_file("sft.tsv")
         threads: resource("sft", "threads")
         resources:
-            gpu=gpus("train"),
-            mem_mb=resource("sft", "mem_mb"),
-            runtime=resource("sft", "runtime"),
+            **job_resources("sft"),
+        conda:
+            conda_env("sft")
         shell:
             "iteralign sft --config {params.config} --output {output.checkpoint} "
             "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

@@ -18,9 +18,9 @@ rule train:
         n=r"[1-9]\d*",
     threads: resource("train", "threads")
     resources:
-        gpu=gpus("train"),
-        mem_mb=resource("train", "mem_mb"),
-        runtime=resource("train", "runtime"),
+        **job_resources("train"),
+    conda:
+        conda_env("train")
     shell:
         "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
         "--reference {input.reference} --checkpoint {input.checkpoint} --output {output.checkpoint} "

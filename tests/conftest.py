@@ -41,6 +41,7 @@ MICRO = {
     "training": {"loss": "dpo", "lr": 1.0e-3, "batch_size": 4, "micro_batch_size": 2, "warmup_steps": 2,
                  "max_length": 24, "max_prompt_length": 12},
     "resources": {"default": {"threads": 1, "mem_mb": 1000, "runtime": 10}},
+    "checkpoints": {"keep_last": None},  # tests read every round's checkpoint; retention: test_retention.py
 }
 
 

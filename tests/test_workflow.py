@@ -170,3 +170,30 @@ def test_killed_training_leaves_no_final_and_a_rerun_completes_the_round(run, tm
     assert state["round"] == 3 and state["epochs"] == 400
     assert (workdir / EXP / "eval_r3.json").exists()
     assert not list(final.parent.glob(".FINAL.tmp-*"))
+
+
+# ---------------------------------------------------------------- checkpoint retention (docs/cluster.md)
+@pytest.fixture(scope="module")
+def pruned_run(run, tmp_path_factory) -> Path:
+    """The run again with checkpoints.keep_last 1: only the prune jobs run (retention is not in the config hash)."""
+    workdir = copy_run(run, tmp_path_factory.mktemp("pruned") / "run")
+    (workdir / "keep_last.yaml").write_text(yaml.safe_dump(micro_config(checkpoints={"keep_last": 1})))
+    snakemake(workdir, configfile="keep_last.yaml")
+    return workdir
+
+
+def test_keep_last_deletes_older_checkpoints_once_trained_and_keeps_the_last_and_the_sft(pruned_run):
+    exp = pruned_run / EXP
+    for n in (1, 2):
+        assert not (exp / f"ckpt_r{n}/FINAL").exists()
+        assert json.loads((exp / f"ckpt_r{n}/pruned.json").read_text())["deleted"] is True
+    assert (exp / "ckpt_r3/FINAL/trainer_state.json").exists()
+    assert (exp / "ckpt_r0/FINAL/config.json").exists()
+
+
+def test_deleted_checkpoints_do_not_make_snakemake_rerun_finished_rounds(pruned_run):
+    dry = snakemake(pruned_run, "-n", configfile="keep_last.yaml")
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    before = {p: p.stat().st_mtime_ns for p in (pruned_run / EXP).rglob("*") if p.is_file()}
+    snakemake(pruned_run, configfile="keep_last.yaml")
+    assert {p: p.stat().st_mtime_ns for p in (pruned_run / EXP).rglob("*") if p.is_file()} == before

@@ -81,6 +81,7 @@ class Provenance:
 
     def __init__(self, step: str, config_hash: str, seed: int, inputs: dict[str, str | Path]):
         from iteralign import __version__
+        from iteralign.cluster import job_environment
 
         self.step = step
         self.started = _now()
@@ -92,6 +93,7 @@ class Provenance:
             "git_commit": _git_commit(),
             "seed": seed,
             "host": socket.gethostname(),
+            "job": job_environment(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "inputs": {
                 name: {"path": str(p), "sha256": artifact_sha256(p)} for name, p in inputs.items()

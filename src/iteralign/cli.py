@@ -26,6 +26,15 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _log_job_environment(step: str) -> None:
+    """One line with the scheduler job and visible GPUs (JSON), so a job's log shows its grant."""
+    import json
+
+    from iteralign.cluster import job_environment
+
+    log.info("%s: job environment %s", step, json.dumps(job_environment(), sort_keys=True))
+
+
 def _config(args):
     from iteralign import config as cfg
 
@@ -200,6 +209,16 @@ def cmd_evaluate(args) -> None:
     write_json(summary, args.summary, record)
 
 
+def cmd_prune(args) -> None:
+    from iteralign.artifacts import write_json
+    from iteralign.retention import prune_checkpoint
+
+    config = _config(args)
+    prov = _provenance("prune", config, {})
+    record = prune_checkpoint(config, args.round, args.checkpoint)
+    write_json(record, args.output, prov.record(round=args.round))
+
+
 def cmd_audit(args) -> None:
     import json
 
@@ -266,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="eval_r{n}.parquet")
     p.add_argument("--summary", required=True, help="eval_r{n}.json")
 
+    p = step("prune", cmd_prune, "delete a policy checkpoint no job reads any more (checkpoints.keep_last)",
+             rounds=True)
+    p.add_argument("--checkpoint", required=True, help="results/<exp>/ckpt_r{n}/FINAL")
+    p.add_argument("--output", required=True, help="ckpt_r{n}/pruned.json: what was deleted")
+
     p = sub.add_parser("audit", help="per-round table of an experiment's artefacts")
     p.set_defaults(func=cmd_audit)
     p.add_argument("results", help="results/<experiment>")
@@ -279,12 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     from iteralign.config import ConfigError
     from iteralign.feedback import FeedbackError
     from iteralign.prompts import PromptError
+    from iteralign.retention import RetentionError
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
+    _log_job_environment(args.step)
     try:
         args.func(args)
-    except (ConfigError, PromptError, FeedbackError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, PromptError, FeedbackError, RetentionError, FileNotFoundError, ValueError) as exc:
         # Input a user can fix: one line naming the problem. Anything else keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise

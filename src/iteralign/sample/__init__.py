@@ -31,6 +31,12 @@ class Completion(NamedTuple):
     finish_reason: str  # "stop" or "length"
 
 
+def check_decoding(temperature: float, num_samples: int) -> None:
+    """Refuse greedy decoding with several samples (they would all be the same text)."""
+    if temperature == 0 and num_samples > 1:
+        raise ValueError(f"greedy decoding (temperature 0) gives {num_samples} identical samples; use num_samples 1")
+
+
 def cut_at_stop(text: str, stop) -> str | None:
     """Text before the earliest stop string, or None when there is none."""
     positions = [text.find(s) for s in stop if s and s in text]
@@ -70,7 +76,7 @@ def generate(checkpoint: str, prompts: list[list[dict]], decoding: dict, config:
     if backend == "vllm":
         from iteralign.sample import vllm as vllm_backend
 
-        completions = vllm_backend.generate(checkpoint, texts, decoding, config, seed)
+        completions = vllm_backend.generate(checkpoint, tokenizer, texts, decoding, config, seed)
         return Generation(texts, completions, backend, None)
     from iteralign.sample import hf
 

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from iteralign.sample import Completion, cut_at_stop
+from iteralign.sample import Completion, check_decoding, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def generate(
     from tqdm import tqdm
     from transformers import GenerationConfig
 
-    if temperature == 0 and num_samples > 1:
-        raise ValueError(f"greedy decoding (temperature 0) gives {num_samples} identical samples; use num_samples 1")
+    check_decoding(temperature, num_samples)
     model.eval()
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -1,0 +1,27 @@
+# checkpoints.keep_last: K deletes round n's policy checkpoint once no job reads it
+# any more: round n was evaluated (eval_r{n}) and round n+K finished training
+# (train_r{n+K}.jsonl, written after its checkpoint). The checkpoint itself is a
+# param, not an input: a deleted checkpoint must not look like a missing input.
+if config["checkpoints"]["keep_last"]:
+
+    rule prune_checkpoint:
+        input:
+            evaluation=result("eval_r{n}.json"),
+            trained=later_training_metrics,
+        output:
+            result("ckpt_r{n}/pruned.json"),
+        params:
+            config=CONFIG_FILE,
+            checkpoint=round_checkpoint,
+        log:
+            log_file("prune_checkpoint_r{n}.log"),
+        benchmark:
+            bench_file("prune_checkpoint_r{n}.tsv")
+        wildcard_constraints:
+            n=r"[1-9]\d*",
+        localrule: True
+        conda:
+            conda_env("prune_checkpoint")
+        shell:
+            "iteralign prune --config {params.config} --round {wildcards.n} --checkpoint {params.checkpoint} "
+            "--output {output} > {log} 2>&1"

@@ -1,0 +1,207 @@
+"""Cluster wiring checked by dry-runs: planned jobs, their resources, the multi-node command, envs.
+
+The example configs are dry-run (`snakemake -n`) in a folder holding a stub SFT
+checkpoint and a stub prompt file at the paths the configs name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, micro_config, write_reward_module
+from test_workflow import BIN
+
+DPO = REPO / "configs/llama3-8b-dpo-online.yaml"
+KTO = REPO / "configs/llama3-8b-kto-online.yaml"
+JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
+
+
+def stub_workdir(root: Path) -> Path:
+    """The files the example configs point at: an SFT checkpoint folder and 2304 prompts."""
+    (root / "models/llama3-8b-sft").mkdir(parents=True)
+    (root / "models/llama3-8b-sft/config.json").write_text("{}")
+    (root / "data").mkdir()
+    lines = [json.dumps({"prompt": f"Question {i}: what is {i} squared?"}) for i in range(2304)]
+    (root / "data/prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def variant(config_file: Path, target: Path, **changes: dict) -> Path:
+    """A copy of an example config with some sections updated."""
+    config = yaml.safe_load(config_file.read_text())
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values}
+    target.write_text(yaml.safe_dump(config))
+    return target
+
+
+def dry_run(workdir: Path, config_file: Path, env: dict | None = None) -> list[dict]:
+    """The jobs `snakemake -n -p` plans: rule, resources (as printed) and shell command."""
+    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
+               str(config_file), "-n", "-p"]
+    run_env = {**(env or os.environ), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, env=run_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs: list[dict] = []
+    for line in (result.stdout + result.stderr).splitlines():
+        header = JOB_HEADER.match(line)
+        if header:
+            jobs.append({"rule": header.group(1), "resources": {}, "shell": None})
+        elif jobs and line.startswith("    resources: "):
+            pairs = (item.split("=", 1) for item in line.removeprefix("    resources: ").split(", "))
+            jobs[-1]["resources"] = dict(pairs)
+        elif jobs and line.startswith("Shell command: "):
+            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
+    return jobs
+
+
+def gpus_by_rule(jobs: list[dict]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for job in jobs:
+        if job["rule"] != "all":
+            found.setdefault(job["rule"], set()).add(job["resources"].get("gpu", "none"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory) -> Path:
+    return stub_workdir(tmp_path_factory.mktemp("stubs"))
+
+
+@pytest.fixture(scope="module")
+def planned(stubs) -> dict[str, list[dict]]:
+    """The dry-run jobs of each example config."""
+    return {"dpo": dry_run(stubs, DPO), "kto": dry_run(stubs, KTO)}
+
+
+EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4, "reference": 4, "train": 4,
+                "evaluate": 5, "prune_checkpoint": 3, "audit": 1, "all": 1}
+
+
+@pytest.mark.parametrize("example", ["dpo", "kto"])
+def test_example_config_plans_four_rounds_of_512_prompts_from_the_sft_link(planned, example):
+    assert Counter(job["rule"] for job in planned[example]) == EXAMPLE_JOBS
+
+
+@pytest.mark.parametrize("example", ["dpo", "kto"])
+def test_example_config_gives_training_four_gpus_and_sampling_and_scoring_one(planned, example):
+    # link_sft, prune_checkpoint and audit run on the submitting machine (localrule): no resources
+    assert gpus_by_rule(planned[example]) == {
+        "link_sft": {"none"}, "plan": {"0"}, "sample": {"1"}, "score": {"1"}, "feedback": {"0"},
+        "reference": {"4"}, "train": {"4"}, "evaluate": {"1"}, "prune_checkpoint": {"none"}, "audit": {"none"},
+    }
+
+
+def test_example_configs_differ_in_samples_feedback_and_loss():
+    from iteralign.config import load
+
+    dpo, kto = load(DPO), load(KTO)
+    assert (dpo["sampling"]["num_samples"], dpo["feedback"]["type"], dpo["training"]["loss"]) == (4, "pairwise", "dpo")
+    assert (kto["sampling"]["num_samples"], kto["feedback"]["type"], kto["training"]["loss"]) == (8, "binary", "kto")
+    assert dpo["policy"]["sft_checkpoint"] and dpo["training"]["gpus"] == 4
+
+
+def test_gpu_jobs_ask_cpus_per_gpu_and_cpu_jobs_do_not(planned):
+    jobs = {job["rule"]: job["resources"] for job in planned["dpo"]}
+    assert jobs["train"]["cpus_per_gpu"] == "8" and jobs["train"]["mem_mb"] == "256000"
+    assert "cpus_per_gpu" not in jobs["plan"]
+
+
+def test_partition_and_account_come_from_the_config_then_the_environment(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    write_reward_module(workdir)
+    config = micro_config(resources={"default": {"partition": "cpu"}, "train": {"partition": "gpu"}})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "SBATCH_ACCOUNT": "alignment", "SBATCH_PARTITION": "ignored"}
+    jobs = {job["rule"]: job["resources"] for job in dry_run(workdir, workdir / "config.yaml", env)}
+    assert jobs["train"]["slurm_partition"] == "gpu" and jobs["sample"]["slurm_partition"] == "cpu"
+    assert jobs["train"]["slurm_account"] == "alignment"
+
+
+def test_without_partition_or_account_none_is_asked(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    write_reward_module(workdir)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(micro_config()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
+    for job in dry_run(workdir, workdir / "config.yaml", env):
+        assert not {"slurm_partition", "slurm_account"} & set(job["resources"]), job
+
+
+# ---------------------------------------------------------------- multi-node training
+@pytest.fixture(scope="module")
+def two_node_jobs(stubs, tmp_path_factory) -> list[dict]:
+    config = variant(DPO, tmp_path_factory.mktemp("nodes") / "two_nodes.yaml", training={"nodes": 2})
+    return dry_run(stubs, config)
+
+
+def test_two_node_training_asks_two_nodes_one_task_each_and_four_gpus_per_node(two_node_jobs):
+    train = next(job["resources"] for job in two_node_jobs if job["rule"] == "train")
+    assert {k: train[k] for k in ("gpu", "nodes", "tasks", "mpi", "slurm_extra")} == {
+        "gpu": "8", "nodes": "2", "tasks": "2", "mpi": "srun", "slurm_extra": "--gpus-per-node=4"}
+    sample = next(job["resources"] for job in two_node_jobs if job["rule"] == "sample")
+    assert sample["gpu"] == "1" and "nodes" not in sample and "mpi" not in sample
+
+
+def two_node_train_command(jobs: list[dict]) -> str:
+    return next(job["shell"] for job in jobs if job["rule"] == "train")
+
+
+STUB_SRUN = """#!/bin/bash
+# two nodes: run the task once per node with its SLURM_NODEID (options before the command are dropped)
+while [[ $1 == --* ]]; do shift; done
+for node in 0 1; do SLURM_NODEID=$node "$@"; done
+"""
+STUB_SCONTROL = """#!/bin/bash
+printf 'gpu-a\\ngpu-b\\n'
+"""
+STUB_ACCELERATE = """#!/bin/bash
+echo "accelerate $*"
+"""
+
+
+def test_two_node_training_runs_one_accelerate_per_node_with_its_rank_and_the_main_node(two_node_jobs, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"srun": STUB_SRUN, "scontrol": STUB_SCONTROL, "accelerate": STUB_ACCELERATE}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    command = two_node_train_command(two_node_jobs)
+    (tmp_path / "logs/llama3-8b-dpo-online").mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "gpu-[a-b]"}
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True)
+    launches = (tmp_path / "logs/llama3-8b-dpo-online/train_r1.log").read_text().splitlines()
+    assert len(launches) == 2
+    for rank, line in enumerate(launches):
+        assert line.startswith(f"accelerate launch --num_machines 2 --machine_rank {rank} --main_process_ip gpu-a "
+                               "--main_process_port 30734 --num_processes 8 -m iteralign.cli train --config ")
+        assert " --round 1 --feedback results/llama3-8b-dpo-online/feedback_r1.json " in line
+        assert " --output results/llama3-8b-dpo-online/ckpt_r1/FINAL " in line
+
+
+# ---------------------------------------------------------------- environments and lint
+def test_every_env_pins_its_packages_and_installs_iteralign_after_creation():
+    for name in ("train", "vllm", "judge"):
+        env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
+        conda = [d for d in env["dependencies"] if isinstance(d, str)]
+        pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        assert all(re.fullmatch(r"[\w.-]+=[\d.]+", d) for d in conda), conda
+        assert all(re.fullmatch(r"[\w.-]+==[\w.]+", p) for p in pip), pip
+        assert (REPO / "envs" / f"{name}.post-deploy.sh").resolve() == REPO / "envs/install-iteralign.sh"
+
+
+@pytest.mark.parametrize("config_file", [REPO / "config.yaml", DPO], ids=["demo", "dpo"])
+def test_lint_is_clean_with_a_conda_env_for_every_rule(stubs, config_file):
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
+                             "--configfile", str(config_file), "--lint"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stderr
