@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	snakemake --profile profiles/default
+	snakemake --cores all
 	@echo
 	@echo "Results: $(CURDIR)/results/demo   (logs/demo, benchmarks/demo)"
 	@echo "Audit:   $(CURDIR)/results/demo/audit.tsv"

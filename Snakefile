@@ -1,7 +1,9 @@
 # iteralign: online iterative preference alignment.
 # Each round n: sample -> score -> feedback -> reference -> train -> evaluate.
-#   snakemake --profile profiles/default                      # the embedded CPU demo
+#   snakemake --cores all                                     # the embedded CPU demo
 #   snakemake --profile profiles/slurm --configfile my.yaml   # an experiment on a cluster
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -14,6 +16,12 @@ if not workflow.config_settings.configfiles:
     configfile: "config.yaml"
 
 
+# Parse-time helpers come from this checkout's package source (the rules run the
+# installed `iteralign` command: make install).
+sys.path.insert(0, f"{workflow.basedir}/src")
+from iteralign.config import coerce_numbers
+
+coerce_numbers(config)  # YAML 1.1 reads `lr: 5e-7` as text
 validate(config, "schemas/config.schema.yaml")
 
 

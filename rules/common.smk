@@ -5,9 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The package is normally installed (make install); fall back to the source tree.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-
 from iteralign import config as iteralign_config
 from iteralign.prompts import planned_rounds
 

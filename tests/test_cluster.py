@@ -24,9 +24,10 @@ JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
 
 
 def stub_workdir(root: Path) -> Path:
-    """The files the example configs point at: an SFT checkpoint folder and 2304 prompts."""
-    (root / "models/llama3-8b-sft").mkdir(parents=True)
-    (root / "models/llama3-8b-sft/config.json").write_text("{}")
+    """The files the example configs point at: SFT and reward-model folders, 2304 prompts."""
+    for model in ("llama3-8b-sft", "ArmoRM-Llama3-8B-v0.1"):
+        (root / "models" / model).mkdir(parents=True)
+        (root / "models" / model / "config.json").write_text("{}")
     (root / "data").mkdir()
     lines = [json.dumps({"prompt": f"Question {i}: what is {i} squared?"}) for i in range(2304)]
     (root / "data/prompts.jsonl").write_text("\n".join(lines) + "\n")

@@ -56,3 +56,17 @@ def test_hash_ignores_resources_but_not_settings():
     changed = cfg.validate({"training": {"beta": 0.2}})
     assert cfg.config_hash(base) == cfg.config_hash(moved)
     assert cfg.config_hash(base) != cfg.config_hash(changed)
+
+
+def test_scientific_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML, and Snakemake's loader) reads `5e-7` as the string "5e-7"
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: 1e5\ntraining:\n  loss: kto\n  lr: 5e-7\n  adam_betas: [9e-1, 0.95]\n"
+                    "feedback:\n  type: binary\n  binary: {threshold: 2E-1}\n")
+    raw = yaml.safe_load(path.read_text())
+    assert raw["training"]["lr"] == "5e-7"
+    config = cfg.load(path)
+    assert config["training"]["lr"] == 5e-7 and config["training"]["adam_betas"] == [0.9, 0.95]
+    assert config["experiment"] == "1e5"  # a string field stays a string
+    with pytest.raises(ConfigError, match=r"key training.lr: found \"fast\""):
+        cfg.validate({"training": {"lr": "fast"}})

@@ -49,6 +49,53 @@ def _validator_with_defaults(schema: dict):
     return validators.extend(base, {"properties": set_defaults})(schema)
 
 
+# YAML 1.1 (PyYAML, and yte which Snakemake uses) reads `5e-7` -- no dot -- as text.
+_NUMBER_TEXT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def coerce_numbers(config: dict) -> dict:
+    """Turn number-like strings into floats where the schema expects a number (in place).
+
+    Only strings that are a plain decimal or scientific number and sit at a key whose
+    schema allows ``number`` change; everything else is left for validation to judge.
+    """
+    schema = load_schema()
+    return _coerce(config, schema, schema)
+
+
+def _resolve(sub: dict, root: dict) -> dict:
+    ref = sub.get("$ref")
+    if ref and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        return {**target, **{k: v for k, v in sub.items() if k != "$ref"}}
+    return sub
+
+
+def _branches(sub: dict, root: dict) -> list[dict]:
+    sub = _resolve(sub, root)
+    return [sub] + [_resolve(b, root) for key in ("oneOf", "anyOf") for b in sub.get(key, [])]
+
+
+def _coerce(node, sub: dict, root: dict):
+    branches = _branches(sub, root)
+    if isinstance(node, dict):
+        for key in list(node):
+            children = [b["properties"][key] for b in branches if key in b.get("properties", {})]
+            if children:
+                node[key] = _coerce(node[key], children[0], root)
+        return node
+    if isinstance(node, list):
+        items = [b["items"] for b in branches if isinstance(b.get("items"), dict)]
+        return [_coerce(value, items[0], root) for value in node] if items else node
+    if isinstance(node, str) and _NUMBER_TEXT.match(node):
+        types = [t for b in branches for t in ([b["type"]] if isinstance(b.get("type"), str) else b.get("type", []))]
+        if "number" in types:
+            return float(node)
+    return node
+
+
 def _error_path(error) -> str:
     parts = [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "<top level>"
@@ -62,6 +109,7 @@ def validate(config: dict, source: str = "config") -> dict:
     completed = copy.deepcopy(config) if config is not None else {}
     if not isinstance(completed, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, found {type(config).__name__}")
+    coerce_numbers(completed)
     validator = _validator_with_defaults(load_schema())
     # Two passes: the first fills defaults (including whole sections), the second
     # reports errors against the completed document.
