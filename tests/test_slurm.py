@@ -25,8 +25,9 @@ pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 SETUP = REPO / "scripts" / "slurm_test_cluster.sh"
 PARTITION = "iteralign"
 # The GPUs each rule declares under the config below (sampling.tensor_parallel_size
-# for sample/evaluate, scoring.gpus, training.gpus x nodes for sft/reference/train).
-DECLARED_GPUS = {"plan": 0, "sft": 1, "sample": 2, "score": 1, "feedback": 0, "reference": 1, "train": 1,
+# for sample/evaluate, training.gpus x nodes for sft/reference/train; the Python scorer
+# runs no model, so the config refuses scoring.gpus > 0 for it).
+DECLARED_GPUS = {"plan": 0, "sft": 1, "sample": 2, "score": 0, "feedback": 0, "reference": 1, "train": 1,
                  "evaluate": 2}
 LOCAL_RULES = {"audit"}
 GRANT = re.compile(r"job environment (\{.*\})")
@@ -36,7 +37,6 @@ def slurm_config() -> dict:
     return micro_config(
         rounds=1,
         sampling={"tensor_parallel_size": 2},
-        scoring={"gpus": 1},
         training={"gpus": 1},
         resources={"default": {"threads": 1, "mem_mb": 1000, "runtime": 10, "partition": PARTITION}},
     )
