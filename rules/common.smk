@@ -99,6 +99,25 @@ def output_folder(wildcards, output):
     return str(Path(output[0]).parent)
 
 
+def train_feedback(wildcards):
+    """The feedback files round n trains on: its own, or several rounds' (training.history)."""
+    rounds = iteralign_config.history_rounds(config["training"], int(wildcards.n))
+    return [result(f"feedback_r{m}.json") for m in rounds]
+
+
+def train_reference(wildcards):
+    """Their reference tables, each computed once by its own round's reference job;
+    none for reference-free losses, so the reference rule does not run at all."""
+    if not iteralign_config.uses_reference(config["training"]):
+        return []
+    rounds = iteralign_config.history_rounds(config["training"], int(wildcards.n))
+    return [result(f"reflogps_r{m}.parquet") for m in rounds]
+
+
+def reference_option(wildcards, input):
+    return f"--reference {' '.join(input.reference)}" if input.reference else ""
+
+
 def final_targets():
     return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
 
@@ -116,12 +135,48 @@ def resource(step, key):
     return _RESOURCE_DEFAULTS[key]
 
 
-def launcher(step):
-    """Command that runs a step: `iteralign`, or `accelerate launch` over the step's GPUs."""
+ACCELERATE_CONFIGS = Path(workflow.basedir) / "configs" / "accelerate"
+
+
+def accelerate_config_file():
+    """training.accelerate_config, else the shipped file for the GPUs and nodes asked for."""
+    training = config["training"]
+    chosen = training["accelerate_config"]
+    if chosen is None:
+        if training["nodes"] > 1:
+            chosen = ACCELERATE_CONFIGS / "fsdp_multinode.yaml"
+        elif training["gpus"] > 4:
+            chosen = ACCELERATE_CONFIGS / "fsdp_8gpu.yaml"
+        elif training["gpus"] > 1:
+            chosen = ACCELERATE_CONFIGS / "fsdp_4gpu.yaml"
+        else:
+            chosen = ACCELERATE_CONFIGS / "single_gpu.yaml"
+    if not Path(chosen).is_file():
+        raise ValueError(f"training.accelerate_config: {chosen} is not a file")
+    return str(chosen)
+
+
+def launcher(step, machine_rank=None, main_process_ip=None, main_process_port=None):
+    """Command that runs a step: `iteralign`, or `accelerate launch` over the step's GPUs.
+
+    One process on CPU or one GPU runs plain `iteralign` (unless training.accelerate_config
+    names a file); more run `accelerate launch` with the config file of
+    accelerate_config_file() and --num_processes/--num_machines from training.gpus and
+    training.nodes. Multi-node launches need each node's rank and the main node's
+    address, known only inside the job: pass them (e.g. "$SLURM_NODEID") and they are
+    added to the command as given.
+    """
+    training = config["training"]
     processes = gpus(step)
-    if processes <= 1:
+    if processes == 0 or (processes == 1 and training["accelerate_config"] is None):
         return "iteralign"
-    return f"accelerate launch --num_processes {processes} -m iteralign.cli"
+    command = ["accelerate", "launch", "--config_file", accelerate_config_file(),
+               "--num_processes", str(processes), "--num_machines", str(training["nodes"])]
+    for flag, value in (("--machine_rank", machine_rank), ("--main_process_ip", main_process_ip),
+                        ("--main_process_port", main_process_port)):
+        if value is not None:
+            command += [flag, str(value)]
+    return " ".join(command + ["-m", "iteralign.cli"])
 
 
 def gpus(step):
