@@ -387,7 +387,7 @@ def train_round(
              len(examples), len(feedback_paths), total_steps, batch_size, world)
     rows: list[dict] = []
     padding = {"tokens": 0, "positions": 0}
-    started = time.monotonic()
+    started = previous_step_end = time.monotonic()
     progress = tqdm(total=total_steps, desc=f"train r{round_n}", disable=not accelerator.is_main_process,
                     mininterval=5)
     for epoch in range(tcfg["epochs"]):
@@ -415,12 +415,14 @@ def train_round(
             examples_seen += len(global_batch)
 
             sums = _reduce_sums(accelerator, step_sums)
+            step_end = time.monotonic()
             padding["tokens"] += sums["tokens"]
             padding["positions"] += sums["positions"]
             row = {"round": round_n, "step": global_step, "round_step": global_step - previous.get("global_step", 0),
                    "epoch": epoch, "examples": len(global_batch), "lr": scheduler.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "examples_seen": examples_seen,
-                   **_step_means(sums, len(global_batch))}
+                   "seconds": step_end - previous_step_end, **_step_means(sums, len(global_batch))}
+            previous_step_end = step_end
             if kl is not None:
                 row["kl"] = kl.item()
             rows.append(row)
