@@ -19,8 +19,10 @@ optimizer and precision:
 - trl-precomputed: DPOTrainer with precompute_ref_log_probs=True (steps only).
 
 It first checks that iteralign and TRL give the same first-step loss, then prints
-tokens/s (prompt+completion tokens of chosen and rejected, over the training steps)
-and peak RSS, as medians over the repeats, and the padding waste of the batching.
+tokens/s (prompt+completion tokens of chosen and rejected, over the training steps),
+tokens per CPU-second of the job's process over the same steps (steadier than wall
+time when other jobs share the cores), and peak RSS, as medians over the repeats,
+with each ratio taken within a repeat; and the padding waste of the batching.
 TRL is installed only for this benchmark (`make bench`, scripts/bench-requirements.txt).
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -162,12 +165,31 @@ def worker_iteralign(workdir: Path, with_reference: bool) -> dict:
                       workdir / "reflogps_held.parquet")
     tables = [workdir / ("reflogps_held.parquet" if with_reference else "reflogps_r1.parquet")]
     out = Path(tempfile.mkdtemp(dir=workdir))
+    cpu = CpuClock()
+    trainer_log = logging.getLogger("iteralign.train.trainer")
+    trainer_log.setLevel(logging.INFO)
+    trainer_log.addHandler(cpu)
     train_round(config, 1, [workdir / "feedback_r1.json"], tables, workdir / "policy", out / "FINAL",
                 out / "train.jsonl")
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     del held
     return {"first_loss": rows[0]["loss"], "seconds": sum(r["seconds"] for r in rows),
-            "tokens": sum(r["tokens"] for r in rows), "steps": len(rows), "baseline_rss_mb": baseline}
+            "cpu_seconds": cpu.marks[-1] - cpu.start, "tokens": sum(r["tokens"] for r in rows), "steps": len(rows),
+            "baseline_rss_mb": baseline}
+
+
+class CpuClock(logging.Handler):
+    """Process CPU time at the trainer's log lines: the one before the first step, and each step's."""
+
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.start, self.marks = None, []
+
+    def emit(self, record):
+        if record.msg.startswith("round %d step %d"):
+            self.marks.append(time.process_time())
+        elif record.msg.startswith("round %d: %d examples from"):
+            self.start = time.process_time()
 
 
 def worker_trl(workdir: Path, precompute: bool) -> dict:
@@ -200,10 +222,11 @@ def worker_trl(workdir: Path, precompute: bool) -> dict:
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            timing["start"] = time.monotonic()
+            timing["start"], timing["cpu_start"] = time.monotonic(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             timing["steps"].append(time.monotonic())
+            timing["cpu_end"] = time.process_time()
 
     class FirstLoss(DPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -215,7 +238,7 @@ def worker_trl(workdir: Path, precompute: bool) -> dict:
                         processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
     return {"first_loss": timing["first_loss"], "seconds": timing["steps"][-1] - timing["start"],
-            "tokens": sum(r["tokens"] for r in rows), "steps": len(timing["steps"]), "baseline_rss_mb": baseline}
+            "cpu_seconds": timing["cpu_end"] - timing["cpu_start"], "tokens": sum(r["tokens"] for r in rows), "steps": len(timing["steps"]), "baseline_rss_mb": baseline}
 
 
 def run_worker(kind: str, workdir: Path, threads: int) -> dict:
@@ -277,9 +300,10 @@ def check_same_first_loss(first: dict[str, float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pairs", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per job (1: least disturbed by other load on a shared machine)")
+    parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     parser.add_argument("workdir", nargs="?", help=argparse.SUPPRESS)
@@ -316,19 +340,25 @@ def main() -> None:
         def speed(r):
             return r["tokens"] / r["seconds"]
 
+        def cpu_speed(r):
+            return r["tokens"] / r["cpu_seconds"]
+
         def peak(r):
             return r["peak_rss_mb"]
 
         def above_start(r):
             return r["peak_rss_mb"] - r["baseline_rss_mb"]
 
-        print(f"\n{'job':18s} {'tokens/s':>9s} {'peak RSS MB':>12s} {'above start MB':>15s}   (medians of {args.repeats})")
+        print(f"\n{'job':16s} {'tokens/s':>9s} {'tokens/CPU-s':>13s} {'peak RSS MB':>12s} {'above start MB':>15s}"
+              f"   (medians of {args.repeats})")
         for kind in KINDS:
-            print(f"{kind:18s} {throughput[kind]:9.0f} {statistics.median(map(peak, results[kind])):12.0f} "
+            print(f"{kind:16s} {throughput[kind]:9.0f} {statistics.median(map(cpu_speed, results[kind])):13.0f} "
+                  f"{statistics.median(map(peak, results[kind])):12.0f} "
                   f"{statistics.median(map(above_start, results[kind])):15.0f}")
         print("\nratios (median over repeats of the ratio within a repeat):")
-        print(f"  throughput iteralign / trl              {paired_ratio('iteralign', 'trl', speed):.2f}x  (goal >= 1.5x)")
-        print(f"  throughput iteralign / trl-precomputed  {paired_ratio('iteralign', 'trl-precomputed', speed):.2f}x")
+        for label, value in (("tokens/s", speed), ("tokens/CPU-s", cpu_speed)):
+            print(f"  {label:12s} iteralign / trl {paired_ratio('iteralign', 'trl', value):.2f}x (goal >= 1.5x), "
+                  f"iteralign / trl-precomputed {paired_ratio('iteralign', 'trl-precomputed', value):.2f}x")
         for label, value in (("peak RSS", peak), ("RSS above start", above_start)):
             print(f"  {label} iteralign / iteralign+ref {paired_ratio('iteralign', 'iteralign+ref', value):.2f}x  "
                   f"(goal <= 0.6x), iteralign / trl {paired_ratio('iteralign', 'trl', value):.2f}x")
