@@ -30,8 +30,16 @@ demo: install
 test: install
 	python -m pytest
 
+# TRL, for scripts/bench_training.py only: pinned, and constrained so that torch stays 2.13.0.
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) scripts/bench-requirements.txt
+	$(PIP) -c constraints.txt -r scripts/bench-requirements.txt
+	python -c "import torch; assert torch.__version__.startswith('2.13.0'), f'torch {torch.__version__}'"
+	touch $@
+
 # Every scripts/bench_*.py prints its figures (docs/benchmarks.md records them).
-bench: install
+bench: install $(BENCH_STAMP)
 	@for script in scripts/bench_*.py; do [ -e "$$script" ] || continue; echo "== $$script"; python $$script || exit 1; done
 
 lint: install

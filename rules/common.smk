@@ -122,6 +122,25 @@ def pruned_checkpoints():
     return expand(result("ckpt_r{n}/pruned.json"), n=range(1, ROUNDS - keep + 1))
 
 
+def train_feedback(wildcards):
+    """The feedback files round n trains on: its own, or several rounds' (training.history)."""
+    rounds = iteralign_config.history_rounds(config["training"], int(wildcards.n))
+    return [result(f"feedback_r{m}.json") for m in rounds]
+
+
+def train_reference(wildcards):
+    """Their reference tables, each computed once by its own round's reference job;
+    none for reference-free losses, so the reference rule does not run at all."""
+    if not iteralign_config.uses_reference(config["training"]):
+        return []
+    rounds = iteralign_config.history_rounds(config["training"], int(wildcards.n))
+    return [result(f"reflogps_r{m}.parquet") for m in rounds]
+
+
+def reference_option(wildcards, input):
+    return f"--reference {' '.join(input.reference)}" if input.reference else ""
+
+
 def final_targets():
     return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
 
@@ -142,13 +161,45 @@ def resource(step, key):
     return _RESOURCE_DEFAULTS[key]
 
 
+ACCELERATE_CONFIGS = Path(workflow.basedir) / "configs" / "accelerate"
+
+
+def accelerate_config_file():
+    """training.accelerate_config, else the shipped file for the GPUs and nodes asked for."""
+    training = config["training"]
+    chosen = training["accelerate_config"]
+    if chosen is None:
+        if training["nodes"] > 1:
+            chosen = ACCELERATE_CONFIGS / "fsdp_multinode.yaml"
+        elif training["gpus"] > 4:
+            chosen = ACCELERATE_CONFIGS / "fsdp_8gpu.yaml"
+        elif training["gpus"] > 1:
+            chosen = ACCELERATE_CONFIGS / "fsdp_4gpu.yaml"
+        else:
+            chosen = ACCELERATE_CONFIGS / "single_gpu.yaml"
+    if not Path(chosen).is_file():
+        raise ValueError(f"training.accelerate_config: {chosen} is not a file")
+    return str(chosen)
+
+
 def launcher(step):
-    """Command that runs a step: `iteralign`, or `accelerate launch` over the step's GPUs."""
+    """Command that runs a step: `iteralign`, or `accelerate launch` over the step's GPUs.
+
+    One process (CPU, or one GPU) runs plain `iteralign`, unless a training step names
+    training.accelerate_config. More run `accelerate launch --num_processes <gpus>`;
+    training steps (sft, reference, train) pass the accelerate config of
+    accelerate_config_file() (FSDP on several GPUs). A multi-node training job runs one
+    launcher per node through srun, each with its node's rank and the main node's
+    address, read from SLURM when the task starts (multinode_launch_options()).
+    """
+    training_step = step in MULTINODE_STEPS
     processes = gpus(step)
-    if processes <= 1:
+    if processes == 0 or (processes == 1 and not (training_step and config["training"]["accelerate_config"])):
         return "iteralign"
-    command = f"accelerate launch {multinode_launch_options(step)}--num_processes {processes} -m iteralign.cli"
-    return per_node(step, command)  # issue 5: one launcher per node of a multi-node job
+    config_file = f"--config_file {accelerate_config_file()} " if training_step else ""
+    command = (f"accelerate launch {config_file}{multinode_launch_options(step)}"
+               f"--num_processes {processes} -m iteralign.cli")
+    return per_node(step, command)
 
 
 def gpus(step):
@@ -157,8 +208,10 @@ def gpus(step):
         return config["sampling"]["tensor_parallel_size"]
     if step == "score":
         return config["scoring"]["gpus"]
-    if step in ("reference", "train", "sft"):
+    if step in ("reference", "train"):
         return config["training"]["gpus"] * config["training"]["nodes"]
+    if step == "sft":  # the built-in SFT (the demo's) runs in one process
+        return min(config["training"]["gpus"], 1)
     return 0
 
 

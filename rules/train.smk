@@ -1,8 +1,10 @@
-# Round n starts from ckpt_r{n-1}: weights, optimizer and scheduler state.
+# Round n starts from ckpt_r{n-1}: weights, optimizer and scheduler state. It trains on
+# this round's feedback, or several rounds' (training.history), with their reference
+# tables (none for reference-free losses).
 rule train:
     input:
-        feedback=result("feedback_r{n}.json"),
-        reference=result("reflogps_r{n}.parquet"),
+        feedback=train_feedback,
+        reference=train_reference,
         checkpoint=previous_checkpoint,
     output:
         checkpoint=directory(checkpoint_dir("{n}")),
@@ -10,6 +12,7 @@ rule train:
     params:
         config=CONFIG_FILE,
         launch=launcher("train"),
+        reference=reference_option,
     log:
         log_file("train_r{n}.log"),
     benchmark:
@@ -23,5 +26,5 @@ rule train:
         conda_env("train")
     shell:
         "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
-        "--reference {input.reference} --checkpoint {input.checkpoint} --output {output.checkpoint} "
+        "{params.reference} --checkpoint {input.checkpoint} --output {output.checkpoint} "
         "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

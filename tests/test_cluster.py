@@ -183,7 +183,8 @@ def test_two_node_training_runs_one_accelerate_per_node_with_its_rank_and_the_ma
     launches = (tmp_path / "logs/llama3-8b-dpo-online/train_r1.log").read_text().splitlines()
     assert len(launches) == 2
     for rank, line in enumerate(launches):
-        assert line.startswith(f"accelerate launch --num_machines 2 --machine_rank {rank} --main_process_ip gpu-a "
+        assert line.startswith(f"accelerate launch --config_file {REPO}/configs/accelerate/fsdp_multinode.yaml "
+                               f"--num_machines 2 --machine_rank {rank} --main_process_ip gpu-a "
                                "--main_process_port 30734 --num_processes 8 -m iteralign.cli train --config ")
         assert " --round 1 --feedback results/llama3-8b-dpo-online/feedback_r1.json " in line
         assert " --output results/llama3-8b-dpo-online/ckpt_r1/FINAL " in line

@@ -17,6 +17,8 @@ log = logging.getLogger("iteralign")
 
 
 def _setup_logging(level: str) -> None:
+    if not _is_main_process():  # the other processes of an `accelerate launch` only warn
+        level = "warning"
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -171,8 +173,14 @@ def cmd_reference(args) -> None:
     _threads(args)
     prov = _provenance("reference", config, {"feedback": args.feedback, "checkpoint": args.checkpoint})
     frame = reference_logps(config, args.feedback, args.checkpoint)
-    log.info("round %d: reference log-probs of %d sequences", args.round, len(frame))
-    write_parquet(frame, args.output, prov.record(round=args.round, rows=len(frame)))
+    if _is_main_process():
+        log.info("round %d: reference log-probs of %d sequences", args.round, len(frame))
+        write_parquet(frame, args.output, prov.record(round=args.round, rows=len(frame)))
+
+
+def _is_main_process() -> bool:
+    """False on the other processes of an `accelerate launch` (they leave writing to rank 0)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(args) -> None:
@@ -272,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the SFT checkpoint (ckpt_r0/FINAL)")
     p.add_argument("--output", required=True)
     p = step("train", cmd_train, "train the policy one round", rounds=True, threads=True)
-    p.add_argument("--feedback", required=True, nargs="+")
-    p.add_argument("--reference", required=True, nargs="+")
+    p.add_argument("--feedback", required=True, nargs="+", help="feedback files (several with training.history)")
+    p.add_argument("--reference", default=[], nargs="*",
+                   help="their reference tables, in any order (none for reference-free losses)")
     p.add_argument("--checkpoint", required=True, help="policy of the previous round")
     p.add_argument("--output", required=True)
     p.add_argument("--metrics", required=True)

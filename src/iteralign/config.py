@@ -149,6 +149,7 @@ def _check_consistency(config: dict, source: str) -> None:
             f"{source}: training.max_prompt_length ({training['max_prompt_length']}) must be below "
             f"training.max_length ({training['max_length']})"
         )
+    _check_grpo(config, source)
     _check_scoring(config["scoring"], source)
 
 
@@ -192,12 +193,57 @@ def _check_scoring(scoring: dict, source: str) -> None:
         )
 
 
-# Which feedback types each loss trains on. Binary losses also accept pairwise
-# feedback: each pair is split into one desirable and one undesirable example.
+def _check_grpo(config: dict, source: str) -> None:
+    """GRPO is on-policy and compares completions within a prompt's group."""
+    training = config["training"]
+    if training["loss"] == "grpo":
+        if training["history"] != "current":
+            raise ConfigError(
+                f"{source}: training.loss='grpo' is on-policy and trains on the round's own samples only: "
+                f"training.history must be 'current', found {training['history']!r}"
+            )
+        if config["sampling"]["num_samples"] < 2:
+            raise ConfigError(
+                f"{source}: training.loss='grpo' compares completions within a prompt's group and needs "
+                f"sampling.num_samples >= 2, found {config['sampling']['num_samples']}"
+            )
+
+
+# Which feedback types each loss trains on (docs/training.md has the same table).
+# kto and sft also take pairwise feedback: each pair is split into a desirable and
+# an undesirable example (sft then keeps the desirable ones).
 LOSS_FEEDBACK_TYPES: dict[str, set[str]] = {
     "dpo": {"pairwise"},
+    "cdpo": {"pairwise"},
+    "ipo": {"pairwise"},
+    "slic": {"pairwise"},
+    "simpo": {"pairwise"},
+    "orpo": {"pairwise"},
     "kto": {"binary", "pairwise"},
+    "sft": {"binary", "pairwise"},
+    "grpo": {"scalar"},
 }
+
+# Losses that train on (chosen, rejected) pairs, in one forward pass.
+PAIRED_LOSSES = ("dpo", "cdpo", "ipo", "slic", "simpo", "orpo")
+
+# Losses that never look at the reference model: no reference job runs for them.
+REFERENCE_FREE_LOSSES = ("slic", "simpo", "orpo", "sft")
+
+
+def uses_reference(training: dict) -> bool:
+    """Whether the round's loss needs reference log-probs (and so a reference job)."""
+    if training["loss"] in REFERENCE_FREE_LOSSES:
+        return False
+    return not (training["loss"] == "grpo" and training["grpo"]["kl_weight"] == 0)
+
+
+def history_rounds(training: dict, round_n: int) -> list[int]:
+    """The rounds whose feedback round ``round_n`` trains on (training.history)."""
+    if training["history"] == "current":
+        return [round_n]
+    first = 1 if training["history"] == "all" else max(1, round_n - training["history_k"] + 1)
+    return list(range(first, round_n + 1))
 
 
 def load(path: str | Path) -> dict:

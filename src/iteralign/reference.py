@@ -2,7 +2,10 @@
 
 Run as its own job so the SFT model is loaded once per round and the training
 job never holds a reference model in memory. Rows are keyed by
-(prompt_id, completion_key), which is how the trainer looks them up.
+(prompt_id, completion_key), which is how the trainer looks them up. Under
+``accelerate launch`` each process scores its share of the sequences and the
+shares are gathered back in input order; only the main process writes.
+Reference-free losses (``iteralign.config.REFERENCE_FREE_LOSSES``) need no such job.
 """
 
 from __future__ import annotations
@@ -16,32 +19,44 @@ REFERENCE_COLUMNS = ["prompt_id", "completion_key", "reference_logp", "num_token
 
 
 def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path):
+    """The reference table of one feedback file (a DataFrame with REFERENCE_COLUMNS), on every process."""
     import pandas as pd
-    import torch
 
+    from iteralign.config import ConfigError, uses_reference
     from iteralign.feedback import check_trainable, load_feedback
     from iteralign.modeling import load_causal_lm, load_tokenizer
     from iteralign.train.data import PromptRenderer, completion_key, encode, training_sequences
     from iteralign.train.logps import batched_completion_logps
+    from iteralign.train.processes import make_accelerator
 
     tcfg = config["training"]
+    if not uses_reference(tcfg):
+        raise ConfigError(f"training.loss={tcfg['loss']!r} with these settings is reference-free: "
+                          "it needs no reference log-probs")
     items = load_feedback(feedback_path)
     check_trainable(items, tcfg["loss"], feedback_path)
     sequences = training_sequences(items, tcfg["loss"], config["seed"])
     trust = config["policy"]["trust_remote_code"]
-    device = torch.device("cuda") if tcfg["gpus"] > 0 and torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.bfloat16 if tcfg["mixed_precision"] == "bf16" and device.type == "cuda" else torch.float32
     tokenizer = load_tokenizer(checkpoint, trust)
     render = PromptRenderer(tokenizer)
     encoded = [
         encode(tokenizer, render(pid, prompt), completion, tcfg["max_length"], tcfg["max_prompt_length"])
         for pid, prompt, completion in sequences
     ]
+    truncated = sum(e.truncated_prompt or e.truncated_completion for e in encoded)
+    if truncated:
+        log.warning("%d of %d sequences were truncated to training.max_prompt_length=%d / max_length=%d "
+                    "(column `truncated`)", truncated, len(encoded), tcfg["max_prompt_length"], tcfg["max_length"])
     if encoded:
-        model = load_causal_lm(checkpoint, trust, dtype=dtype, device=device)
-        logps, counts = batched_completion_logps(
-            model, encoded, tokenizer.pad_token_id, 2 * tcfg["micro_batch_size"], device, progress="reference"
-        )
+        accelerator = make_accelerator(tcfg)
+        # float32 weights under the trainer's autocast: at the first step of round 1 the
+        # policy's log-probs equal these exactly
+        model = load_causal_lm(checkpoint, trust, device=accelerator.device)
+        with accelerator.autocast():
+            logps, counts = batched_completion_logps(
+                model, encoded, tokenizer.pad_token_id, 2 * tcfg["micro_batch_size"], accelerator.device,
+                progress="reference", rank=accelerator.process_index, world=accelerator.num_processes,
+            )
     else:
         log.warning("%s has no items; writing an empty reference table", feedback_path)
         logps, counts = [], []

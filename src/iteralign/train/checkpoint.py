@@ -4,6 +4,10 @@
 weights: ``optimizer.pt`` and ``scheduler.pt`` (read back with
 ``weights_only=True``) and ``trainer_state.json``. The folder is built under a
 temporary name and renamed when complete (:func:`iteralign.artifacts.atomic_dir`).
+
+Weights and optimizer state are always saved whole (gathered from FSDP shards)
+and the optimizer state keyed by parameter index, as ``torch.optim`` writes it:
+a checkpoint written by N processes under FSDP resumes on 1 process, and back.
 """
 
 from __future__ import annotations
@@ -77,8 +81,53 @@ def read_trainer_state(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_training_state(path: str | Path, optimizer, scheduler) -> tuple[dict, bool]:
+def optimizer_state_to_save(model, optimizer) -> dict:
+    """The whole optimizer state, keyed by parameter index; call it on every process.
+
+    Works for a plain, DDP or FSDP-wrapped ``model`` (``torch.distributed.checkpoint``
+    gathers FSDP shards to the main process on CPU); other processes get ``{}``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    if not optimizer.state:  # nothing trained yet: no moments to gather
+        return optimizer.state_dict()
+    by_name = get_optimizer_state_dict(model, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not by_name:
+        return {}
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {index[name]: value for name, value in by_name["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in by_name["param_groups"]],
+    }
+
+
+def _load_optimizer_state(model, optimizer, saved: dict, parameter_names: list[str]) -> None:
+    """Load a whole, index-keyed optimizer state into a (possibly FSDP-sharded) optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not saved["state"]:
+        optimizer.load_state_dict(saved)  # hyperparameters only
+        return
+    if parameter_names is None:
+        raise ValueError("loading optimizer state into a wrapped model needs its parameter names")
+    by_name = {
+        "state": {parameter_names[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [parameter_names[i] for i in group["params"]]}
+                         for group in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def load_training_state(path: str | Path, optimizer, scheduler, model=None,
+                        parameter_names: list[str] | None = None) -> tuple[dict, bool]:
     """Load optimizer and scheduler state saved with a checkpoint, when it has them.
+
+    ``model`` (possibly wrapped by DDP/FSDP, the optimizer built on its parameters)
+    and ``parameter_names`` (its ``named_parameters()`` names before wrapping, in the
+    optimizer's order) load the state into a sharded optimizer; without them the
+    state is loaded with ``optimizer.load_state_dict``.
 
     Returns the checkpoint's trainer_state and whether optimizer/scheduler state
     was loaded (not for an SFT checkpoint: round 1 starts a fresh optimizer).
@@ -99,6 +148,9 @@ def load_training_state(path: str | Path, optimizer, scheduler) -> tuple[dict, b
                 f"{optimizer_file}: parameter groups of sizes {[len(g['params']) for g in saved_groups]} "
                 f"do not match the model's {[len(g['params']) for g in groups]}"
             )
-        optimizer.load_state_dict(saved)
+        if model is None:
+            optimizer.load_state_dict(saved)
+        else:
+            _load_optimizer_state(model, optimizer, saved, parameter_names)
         scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
     return state, optimizer_file.exists()

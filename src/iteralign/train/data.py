@@ -1,6 +1,6 @@
-"""From feedback items to token tensors: encoding, truncation, KL partners, batching.
+"""From feedback items to token tensors: encoding, truncation, examples per loss, batching.
 
-The reference job and the train job both go through :func:`training_sequences`,
+The reference job and the train job both go through :func:`training_examples`,
 so the sequences whose reference log-probs are precomputed are exactly the ones
 the trainer looks up (by prompt id and completion hash).
 """
@@ -8,6 +8,7 @@ the trainer looks up (by prompt id and completion hash).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,10 +75,13 @@ class Pair:
 
 @dataclass
 class Single:
+    """One completion: binary feedback, a split pair, or a scalar-scored sample (``reward``)."""
+
     prompt_id: str
     prompt: list[dict]
     completion: str
-    desirable: bool
+    desirable: bool | None = None
+    reward: float | None = None
     kl_prompt_id: str | None = None
     kl_prompt: list[dict] | None = field(default=None, repr=False)
     kl_completion: str | None = None
@@ -128,17 +132,33 @@ def assign_kl_partners(singles: list[Single], seed: int) -> None:
         singles[index].kl_completion = partner.completion
 
 
+def scored_from_feedback(items: list[dict]) -> list[Single]:
+    """Scalar feedback: each completion with its reward, in file order (grouped by prompt)."""
+    return [Single(item["prompt_id"], item["prompt"], item["output_text"], reward=float(item["reward"]))
+            for item in items]
+
+
 def training_examples(items: list[dict], loss: str, seed: int) -> list[Pair] | list[Single]:
-    if loss in ("dpo",):
+    """The examples a loss trains on, from one feedback file.
+
+    Paired losses take the pairs; kto takes binary items, or pairs split in two, each
+    with a KL partner; sft keeps the desirable side of those; grpo takes scalar items.
+    """
+    from iteralign.config import PAIRED_LOSSES
+
+    if loss in PAIRED_LOSSES:
         return pairs_from_feedback(items)
+    if loss == "grpo":
+        return scored_from_feedback(items)
     singles = singles_from_feedback(items)
-    if loss == "kto":
-        assign_kl_partners(singles, seed)
+    if loss == "sft":
+        return [single for single in singles if single.desirable]
+    assign_kl_partners(singles, seed)
     return singles
 
 
 def training_sequences(items: list[dict], loss: str, seed: int) -> list[tuple[str, list[dict], str]]:
-    """Every distinct (prompt_id, prompt, completion) the trainer will need log-probs for."""
+    """Every distinct (prompt_id, prompt, completion) the trainer needs reference log-probs of."""
     seen, sequences = set(), []
 
     def add(prompt_id, prompt, completion):
@@ -156,6 +176,50 @@ def training_sequences(items: list[dict], loss: str, seed: int) -> list[tuple[st
             if example.kl_completion is not None:
                 add(example.kl_prompt_id, example.kl_prompt, example.kl_completion)
     return sequences
+
+
+# ---------------------------------------------------------------- batching
+# group_by_length sorts windows of this many batches by length (as transformers'
+# LengthGroupedSampler's mega-batches): long enough to find similar lengths, short
+# enough that batch order stays random over the epoch.
+LENGTH_GROUP_BATCHES = 50
+
+
+def plan_batches(lengths: list[int], batch_size: int, seed, group_by_length: bool) -> list[list[int]]:
+    """Split example indices into global batches, each sorted longest first.
+
+    A seeded permutation cut into batches of ``batch_size`` (the last may be short).
+    With ``group_by_length``, windows of LENGTH_GROUP_BATCHES batches of that
+    permutation are sorted by length before cutting and the batches are then
+    shuffled, so each batch holds examples of similar length. Sorting inside a
+    batch only changes how it is cut into micro-batches, not what the step computes.
+    """
+    rng = np.random.default_rng(seed)
+    order = [int(i) for i in rng.permutation(len(lengths))]
+    if group_by_length:
+        window = batch_size * LENGTH_GROUP_BATCHES
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start : start + window], key=lambda i: -lengths[i])]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return [sorted(batch, key=lambda i: -lengths[i]) for batch in batches]
+
+
+def process_chunks(batch: list, rank: int, world: int, micro_batch_size: int) -> list[tuple[list, float]]:
+    """This process's micro-batches of a global batch, each with its weight (1, or 0 for padding).
+
+    Items are dealt round-robin (``batch[rank::world]``), so a batch sorted by length
+    gives every process a similar share. Every process returns the same number of
+    micro-batches, as FSDP (and DDP's buffer broadcast) need the same number of
+    forward passes on every rank: a process short of items repeats its first chunk
+    (or the batch's first item) with weight 0.
+    """
+    local = batch[rank::world]
+    count = math.ceil(math.ceil(len(batch) / world) / micro_batch_size)
+    chunks = [(local[i : i + micro_batch_size], 1.0) for i in range(0, len(local), micro_batch_size)]
+    filler = chunks[0][0] if chunks else batch[:1]
+    return chunks + [(filler, 0.0)] * (count - len(chunks))
 
 
 class PromptRenderer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from iteralign.train.data import Encoded, collate
+from iteralign.train.data import Encoded, collate, process_chunks
 
 
 def completion_logps(
@@ -31,19 +31,43 @@ def completion_logps(
 
 @torch.no_grad()
 def batched_completion_logps(
-    model, encoded: list[Encoded], pad_id: int, batch_size: int, device, progress: str | None = None
+    model,
+    encoded: list[Encoded],
+    pad_id: int,
+    batch_size: int,
+    device,
+    progress: str | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Log-probs of many sequences, in length-sorted batches; results in input order."""
+    """Log-probs of many sequences, in length-sorted batches; results in input order.
+
+    With ``world > 1`` (inside an initialised process group) each process computes
+    its round-robin share of the length-sorted sequences, every process running the
+    same number of batches (a sharded or DDP-wrapped model needs matching forward
+    passes), and the shares are gathered so every process returns all results.
+    """
     from tqdm import tqdm
 
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids), reverse=True)
     logps = np.zeros(len(encoded), dtype=np.float64)
     counts = np.zeros(len(encoded), dtype=np.int64)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=progress, disable=progress is None, mininterval=5):
-        tensors = collate([encoded[i] for i in batch], pad_id, device)
+    if not encoded:
+        return logps, counts
+    chunks = process_chunks(order, rank, world, batch_size)
+    mine: list[tuple[int, float, int]] = []
+    for chunk, weight in tqdm(chunks, desc=progress, disable=progress is None or rank > 0, mininterval=5):
+        tensors = collate([encoded[i] for i in chunk], pad_id, device)
         sums, n = completion_logps(model, **tensors)
-        logps[batch] = sums.double().cpu().numpy()
-        counts[batch] = n.long().cpu().numpy()
+        if weight:
+            mine.extend(zip(chunk, sums.double().cpu().tolist(), n.long().cpu().tolist(), strict=True))
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: list = [None] * world
+        dist.all_gather_object(shares, mine)
+        mine = [row for share in shares for row in share]
+    for index, logp, count in mine:
+        logps[index], counts[index] = logp, count
     return logps, counts

@@ -1,0 +1,20 @@
+"""The one Accelerator set-up every reference and train job uses (1 or N processes, CPU or GPU).
+
+Run plainly (``iteralign train ...``) it is a single process; under ``accelerate
+launch`` (rules/common.smk's ``launcher``) the process group, FSDP or DDP, and the
+mixed precision come from the launch and its config file (configs/accelerate/).
+"""
+
+from __future__ import annotations
+
+
+def make_accelerator(training: dict):
+    """An Accelerator on the GPUs when training.gpus > 0 and CUDA is present, else on CPU.
+
+    Mixed precision (training.mixed_precision) applies on GPU only: CPU runs float32.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    use_cpu = training["gpus"] == 0 or not torch.cuda.is_available()
+    return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else training["mixed_precision"])

@@ -1,0 +1,61 @@
+"""What the train and reference rules run, from a dry run: history inputs, no reference job for
+reference-free losses, the accelerate launch for several GPUs or nodes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, micro_config
+
+pytestmark = pytest.mark.workflow
+BIN = Path(sys.executable).parent
+
+
+def dry_run(workdir: Path, **sections) -> dict[str, list[str]]:
+    """Shell commands of a dry run, by rule name."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                             "--configfile", str(workdir / "config.yaml"), "-n", "-p", "--cores", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands: dict[str, list[str]] = {}
+    for command in re.findall(r"Shell command: (.*)", result.stdout + result.stderr):
+        step = re.search(r"(?:iteralign|iteralign\.cli) ([a-z-]+) ", command)
+        if step:  # rules without a shell command print None
+            commands.setdefault(step.group(1), []).append(command)
+    return commands
+
+
+def test_history_all_trains_on_every_round_so_far_and_computes_each_reference_once(tmp_path):
+    commands = dry_run(tmp_path / "all", training={"history": "all"})
+    assert len(commands["reference"]) == 3  # one per round, reused by the later rounds
+    train_r3 = next(c for c in commands["train"] if "--round 3" in c)
+    assert re.search(r"--feedback \S+feedback_r1.json \S+feedback_r2.json \S+feedback_r3.json --reference "
+                     r"\S+reflogps_r1.parquet \S+reflogps_r2.parquet \S+reflogps_r3.parquet ", train_r3)
+
+
+def test_reference_free_loss_runs_no_reference_job_and_multi_node_training_launches_accelerate(tmp_path):
+    commands = dry_run(tmp_path / "simpo", training={"loss": "simpo", "gpus": 4, "nodes": 2, "history": "last_k"})
+    assert "reference" not in commands
+    assert all("--reference" not in c for c in commands["train"])
+    # one launcher per node (srun); rank and main node come from SLURM when the task starts
+    assert all(c.startswith("srun --ntasks-per-node=1 bash -c 'exec accelerate launch --config_file "
+                            f"{REPO}/configs/accelerate/fsdp_multinode.yaml --num_machines 2 --machine_rank $SLURM_NODEID ")
+               and "--num_processes 8 -m iteralign.cli \"$@\"' iteralign train " in c for c in commands["train"])
+    train_r3 = next(c for c in commands["train"] if "--round 3" in c)
+    assert re.search(r"--feedback \S+feedback_r2.json \S+feedback_r3.json +--checkpoint", train_r3)
+
+
+def test_one_gpu_or_cpu_runs_iteralign_directly_and_several_gpus_use_fsdp(tmp_path):
+    cpu = dry_run(tmp_path / "cpu")
+    assert all(c.startswith("iteralign train ") for c in cpu["train"])
+    gpus = dry_run(tmp_path / "gpus", training={"gpus": 8})
+    assert all(c.startswith(f"accelerate launch --config_file {REPO}/configs/accelerate/fsdp_8gpu.yaml "
+                            "--num_processes 8 -m iteralign.cli reference ")
+               for c in gpus["reference"])
