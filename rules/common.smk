@@ -91,8 +91,17 @@ def eval_baseline(wildcards):
     return [] if int(wildcards.n) == 0 else [result("eval_r0.parquet")]
 
 
+def eval_previous(wildcards):
+    n = int(wildcards.n)
+    return [] if n == 0 else [result(f"eval_r{n - 1}.parquet")]
+
+
 def baseline_option(wildcards, input):
     return f"--baseline {input.baseline}" if input.baseline else ""
+
+
+def previous_option(wildcards, input):
+    return f"--previous {input.previous}" if input.previous else ""
 
 
 def output_folder(wildcards, output):

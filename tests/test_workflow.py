@@ -133,7 +133,7 @@ def test_forcing_feedback_r2_rebuilds_round_2_on_and_leaves_round_1_untouched(ru
 
 def test_same_seed_gives_identical_samples_feedback_and_eval(run, tmp_path):
     other = new_workdir(tmp_path / "b")
-    snakemake(other, str(EXP / "eval_r2.json"))  # builds rounds 1-2 and evaluates rounds 0 and 2
+    snakemake(other, str(EXP / "eval_r2.json"))  # builds rounds 1-2 and evaluates rounds 0-2
     for name in ("samples_r1.parquet", "samples_r2.parquet", "eval_r0.parquet", "eval_r2.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(run / EXP / name), pd.read_parquet(other / EXP / name))
     for name in ("feedback_r1.json", "feedback_r2.json", "eval_r0.json", "eval_r2.json"):
@@ -170,3 +170,12 @@ def test_killed_training_leaves_no_final_and_a_rerun_completes_the_round(run, tm
     assert state["round"] == 3 and state["epochs"] == 400
     assert (workdir / EXP / "eval_r3.json").exists()
     assert not list(final.parent.glob(".FINAL.tmp-*"))
+
+
+def test_evaluation_compares_each_round_with_round_0_and_the_round_before(run):
+    r0, r1 = (json.loads((run / EXP / f"eval_r{n}.json").read_text()) for n in (0, 1))
+    assert r0["length_controlled_reward"] == pytest.approx(r0["mean_reward"])
+    assert r1["win_rate_vs_previous"] == r1["win_rate_vs_r0"]  # round 1's previous round is round 0
+    meta = read_provenance(run / EXP / "eval_r2.parquet")
+    assert meta["inputs"]["previous"]["sha256"] == artifact_sha256(run / EXP / "eval_r1.parquet")
+    assert meta["decoding"]["max_new_tokens"] == 5

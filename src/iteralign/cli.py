@@ -167,23 +167,34 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from iteralign.artifacts import read_parquet, write_json, write_parquet
-    from iteralign.evaluate import evaluate
+    from iteralign.artifacts import read_parquet, read_provenance, write_json, write_parquet
+    from iteralign.evaluate import check_comparable, decoding_settings, evaluate
 
     config = _config(args)
     _threads(args)
     prov = _provenance("evaluate", config, {"prompts": args.prompts, "checkpoint": args.checkpoint,
                                             "reference_checkpoint": args.reference_checkpoint,
-                                            "baseline": args.baseline})
-    baseline = read_parquet(args.baseline) if args.baseline else None
-    if args.round > 0 and baseline is None:
-        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) for the win rate")
-    frame, summary = evaluate(config, args.round, read_parquet(args.prompts), args.checkpoint,
-                              args.reference_checkpoint, baseline)
-    log.info("round %d eval: mean reward %.4f CI %s win rate vs r0 %.3f KL %.4f", args.round,
-             summary["mean_reward"], [round(x, 4) for x in summary["reward_ci95"]], summary["win_rate_vs_r0"],
-             summary["kl_to_reference"])
-    record = prov.record(round=args.round)
+                                            "baseline": args.baseline, "previous": args.previous})
+    if args.round > 0 and (args.baseline is None or args.previous is None):
+        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
+                         "(eval_r{n-1}.parquet) for the win rates")
+    plan = read_parquet(args.prompts)
+    eval_ids = plan.loc[plan["split"] == "eval", "prompt_id"]
+    decoding = decoding_settings(config)
+    needs = ["eval_scorer_reward"] if config["evaluation"]["scorer"] is not None else []
+    others = {}
+    for name, path in (("baseline", args.baseline), ("previous", args.previous)):
+        if path:  # checked before generating: a mismatch fails in seconds, not after the model ran
+            others[name] = read_parquet(path)
+            recorded = (read_provenance(path) or {}).get("decoding")
+            check_comparable(others[name], path, eval_ids, decoding, recorded, needs)
+    frame, summary = evaluate(config, args.round, plan, args.checkpoint, args.reference_checkpoint,
+                              others.get("baseline"), others.get("previous"))
+    log.info("round %d eval: mean reward %.4f CI %s, win rate vs r0 %.3f, vs previous %.3f, "
+             "length-controlled reward %.4f, KL %.4f", args.round, summary["mean_reward"],
+             [round(x, 4) for x in summary["reward_ci95"]], summary["win_rate_vs_r0"],
+             summary["win_rate_vs_previous"], summary["length_controlled_reward"], summary["kl_to_reference"])
+    record = prov.record(round=args.round, decoding=decoding)
     write_parquet(frame, args.table, record)
     write_json(summary, args.summary, record)
 
@@ -251,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--reference-checkpoint", required=True)
     p.add_argument("--baseline", default=None, help="eval_r0.parquet (rounds > 0)")
+    p.add_argument("--previous", default=None, help="eval_r{n-1}.parquet (rounds > 0)")
     p.add_argument("--table", required=True, help="eval_r{n}.parquet")
     p.add_argument("--summary", required=True, help="eval_r{n}.json")
 
