@@ -199,18 +199,32 @@ def cmd_evaluate(args) -> None:
     write_json(summary, args.summary, record)
 
 
-def cmd_audit(args) -> None:
+def cmd_audit(args) -> int:
     import json
 
-    from iteralign.audit import audit_rows, format_table, to_tsv
+    from iteralign.audit import audit_rows, format_problems, format_table, to_tsv, verify_provenance
 
     rows = audit_rows(args.results, args.benchmarks)
+    checked, problems = verify_provenance(args.results, deep=args.deep)
     if args.output:
         from iteralign.artifacts import atomic_path
 
         with atomic_path(Path(args.output)) as tmp:
             tmp.write_text(to_tsv(rows))
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))
+    if args.json:
+        provenance = {"checked": checked, "problems": [p._asdict() for p in problems]}
+        print(json.dumps({"rounds": rows, "provenance": provenance}, indent=2, default=str))
+    else:
+        print(format_table(rows))
+        print()
+        print(format_problems(checked, problems))
+    return 1 if problems and args.strict else 0
+
+
+def cmd_show(args) -> None:
+    from iteralign.show import show
+
+    print(show(args.path, n=args.n, start=args.start, prompt_id=args.prompt_id))
 
 
 # ---------------------------------------------------------------- parser
@@ -266,12 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="eval_r{n}.parquet")
     p.add_argument("--summary", required=True, help="eval_r{n}.json")
 
-    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts")
+    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts; verifies provenance")
     p.set_defaults(func=cmd_audit)
     p.add_argument("results", help="results/<experiment>")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print {rounds, provenance} as JSON")
     p.add_argument("--output", default=None, help="also write the table as TSV")
     p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
+    p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
+    p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
+    p.set_defaults(func=cmd_show)
+    p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
+    p.add_argument("--n", type=int, default=5, help="how many items (prompts for per-sample files)")
+    p.add_argument("--start", type=int, default=0, help="index of the first item")
+    p.add_argument("--prompt-id", default=None, help="only this prompt")
     return parser
 
 
@@ -283,14 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, PromptError, FeedbackError, FileNotFoundError, ValueError) as exc:
         # Input a user can fix: one line naming the problem. Anything else keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise
         print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
