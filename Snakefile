@@ -17,6 +17,9 @@ if not workflow.config_settings.configfiles:
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 wildcard_constraints:
     n=r"\d+",
 
@@ -31,6 +34,7 @@ include: "rules/reference.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/audit.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -109,7 +109,7 @@ def output_folder(wildcards, output):
 
 
 def final_targets():
-    return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
+    return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv"), result("report.html")]
 
 
 # ---------------------------------------------------------------- resources

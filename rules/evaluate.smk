@@ -9,7 +9,12 @@ rule evaluate:
         previous=eval_previous,
     output:
         table=result("eval_r{n}.parquet"),
-        summary=result("eval_r{n}.json"),
+        summary=report(
+            result("eval_r{n}.json"),
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            labels={"round": "{n}", "file": "eval_r{n}.json"},
+        ),
     params:
         config=CONFIG_FILE,
         baseline=baseline_option,

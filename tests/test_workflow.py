@@ -123,7 +123,7 @@ def test_forcing_feedback_r2_rebuilds_round_2_on_and_leaves_round_1_untouched(ru
     before = {p: (artifact_sha256(p), p.stat().st_mtime_ns) for p in round_files(workdir, 1)}
     r2_before = {p: p.stat().st_mtime_ns for p in round_files(workdir, 2)[2:]}
     out = snakemake(workdir, "--forcerun", str(EXP / "feedback_r2.json"))
-    assert "feedback_r1" not in out.stderr
+    assert f"output: {EXP / 'feedback_r1.json'}" not in out.stderr  # (the report still lists it as an input)
     for path, (digest, mtime) in before.items():
         assert (artifact_sha256(path), path.stat().st_mtime_ns) == (digest, mtime), path
     for path, mtime in r2_before.items():  # feedback, reference, train, eval of round 2 were rebuilt
@@ -179,3 +179,12 @@ def test_evaluation_compares_each_round_with_round_0_and_the_round_before(run):
     meta = read_provenance(run / EXP / "eval_r2.parquet")
     assert meta["inputs"]["previous"]["sha256"] == artifact_sha256(run / EXP / "eval_r1.parquet")
     assert meta["decoding"]["max_new_tokens"] == 5
+
+
+def test_run_ends_with_a_verified_report_that_snakemake_report_includes(run, tmp_path):
+    html = (run / EXP / "report.html").read_text()
+    assert html.count('<img class="plot"') == 7 and "Provenance verified" in html
+    out = tmp_path / "snakemake_report.html"
+    snakemake(run, "--report", str(out))
+    text = out.read_text()
+    assert "report.html" in text and "Held-out evaluation of round 3" in text

@@ -221,6 +221,13 @@ def cmd_audit(args) -> int:
     return 1 if problems and args.strict else 0
 
 
+def cmd_report(args) -> None:
+    from iteralign.report import write_report
+
+    write_report(args.results, args.output, _config(args), args.benchmarks)
+    log.info("report: %s", args.output)
+
+
 def cmd_show(args) -> None:
     from iteralign.show import show
 
@@ -288,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
     p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
     p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
+    p = step("report", cmd_report, "one self-contained HTML report of an experiment")
+    p.add_argument("results", help="results/<experiment>")
+    p.add_argument("--output", required=True, help="report.html")
+    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
     p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
     p.set_defaults(func=cmd_show)
     p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
