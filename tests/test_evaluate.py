@@ -127,9 +127,11 @@ def test_length_controlled_reward_is_the_mean_at_round_zero():
 
 
 def test_length_controlled_reward_without_length_variation():
-    at_same, _, slope = length_controlled_reward([1.0, 0.0, 1.0], [4, 4, 4], at_length=4.0, n_resamples=100, seed=0)
+    at_same, same_ci, slope = length_controlled_reward([1.0, 0.0, 1.0], [4, 4, 4], at_length=4.0, n_resamples=100,
+                                                       seed=0)
     elsewhere, ci, _ = length_controlled_reward([1.0, 0.0, 1.0], [4, 4, 4], at_length=6.0, n_resamples=100, seed=0)
     assert at_same == pytest.approx(2 / 3) and math.isnan(slope)
+    assert same_ci == bootstrap_ci([1.0, 0.0, 1.0], 100, seed=0)  # nothing to adjust: the reward's own interval
     assert math.isnan(elsewhere) and all(math.isnan(x) for x in ci)
 
 

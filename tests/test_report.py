@@ -8,13 +8,21 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import micro_config
 from crafted import write_crafted_experiment
 
 from iteralign.artifacts import write_json
 from iteralign.config import validate
-from iteralign.report import ExperimentData, build_report, load_experiment, plots, training_curves
+from iteralign.report import (
+    ExperimentData,
+    build_report,
+    changed_examples,
+    load_experiment,
+    plots,
+    training_curves,
+)
 
 PLOT_TITLES = ["Held-out reward", "Win rates", "KL to the reference", "Output length", "Feedback kept and dropped",
                "Reward histograms", "Training curves"]
@@ -72,6 +80,22 @@ def test_the_evaluation_scorer_gets_its_own_plot(crafted):
         evaluation["eval_scorer"] = {"name": "python:judge", "mean_reward": 0.5, "reward_ci95": [0.4, 0.6]}
     titles = [title for title, *_ in plots(data)]
     assert "Evaluation scorer" in titles
+
+
+def test_examples_show_where_the_last_round_wins_and_loses_largest_change_first():
+    def frame(rewards):
+        return pd.DataFrame({"prompt_id": ["a", "b", "c", "d"], "prompt": [[{"role": "user", "content": p}]
+                                                                           for p in "abcd"],
+                             "output": [f"{p}{r}" for p, r in zip("abcd", rewards, strict=True)], "reward": rewards})
+
+    wins, losses = changed_examples(frame([0.0, 1.0, 0.5, 0.0]), frame([1.0, 0.0, 0.5, 0.4]), n=5)
+    assert [row[0] for row in wins] == ["a", "d"]  # a gained 1.0, d 0.4; the tie c is not shown
+    assert losses == [["b", "b1.0", 1.0, "b0.0", 0.0]]
+
+
+def test_report_shows_what_changed_on_held_out_prompts(crafted):
+    html = (crafted / "report.html").read_text()
+    assert "Round 2 beats round 0 (2 shown)" in html and "Round 2 loses to round 0 (0 shown)" in html
 
 
 def test_training_curves_are_every_numeric_field_but_bookkeeping():

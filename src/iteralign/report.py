@@ -27,7 +27,9 @@ _ROUND_FILE = re.compile(r"^(?P<kind>eval|train|feedback)_r(?P<n>\d+)\.(?P<ext>j
 _STEP_BOOKKEEPING = {"round", "step", "round_step", "epoch", "examples", "examples_seen"}
 _CURVE_ORDER = ["loss", "margin", "accuracy", "reward_chosen", "reward_rejected", "kl", "reward_desirable",
                 "reward_undesirable", "desirable_fraction", "logp_chosen", "logp_rejected", "grad_norm", "lr"]
-_EVAL_COLUMNS = ["reward", "eval_scorer_reward", "num_output_tokens", "finish_reason"]
+_EVAL_COLUMNS = ["prompt_id", "prompt", "output", "reward", "eval_scorer_reward", "num_output_tokens",
+                 "finish_reason"]
+_EXAMPLE_CHARS = 400  # longer prompts and outputs are cut in the examples table (iteralign show has them whole)
 
 
 @dataclass
@@ -82,13 +84,18 @@ def _parquet_columns(path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- plots
-def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return plt
+
+
+def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+    fig, axes = _pyplot().subplots(1, ncols, figsize=(width, height), squeeze=False)
     return fig, list(axes[0])
 
 
@@ -163,9 +170,10 @@ def plot_length(eval_tables: dict, evaluations: list[dict]):
     left.set_ylabel("output tokens")
     left.set_title("Output length")
     _rounds_axis(left, rounds)
-    frac_rounds = [e["round"] for e in evaluations if e.get("max_length_fraction") is not None]
-    right.bar(frac_rounds, [e["max_length_fraction"] for e in evaluations if e.get("max_length_fraction") is not None],
-              color="tab:red", width=0.6)
+    fractions = [(e["round"], e["max_length_fraction"]) for e in evaluations if e.get("max_length_fraction") is not None]
+    frac_rounds = [n for n, _ in fractions]
+    bars = right.bar(frac_rounds, [f for _, f in fractions], color="tab:red", width=0.6)
+    right.bar_label(bars, labels=[f"{f:.0%}" for _, f in fractions], fontsize=8)  # 0% stays readable
     right.set_ylim(0, 1)
     right.set_ylabel("fraction")
     right.set_title("Generations that hit max_new_tokens")
@@ -222,12 +230,7 @@ def plot_training(steps: list[dict], metrics: list[str]):
     """One panel per metric over the global optimizer step, coloured by round."""
     ncols = 3
     nrows = math.ceil(len(metrics) / ncols)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(12, 2.8 * nrows), squeeze=False)
+    fig, axes = _pyplot().subplots(nrows, ncols, figsize=(12, 2.8 * nrows), squeeze=False)
     rounds = sorted({s["round"] for s in steps})
     for ax, metric in zip(axes.flat, metrics, strict=False):
         for n in rounds:
@@ -254,13 +257,8 @@ def plot_reward_histograms(eval_tables: dict, column: str = "reward"):
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     bins = np.linspace(lo, hi, 21)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ncols = max(len(rounds), 1)
-    fig, axes = plt.subplots(1, ncols, figsize=(max(2.4 * ncols, 4.8), 2.8), sharey=True, squeeze=False)
+    fig, axes = _pyplot().subplots(1, ncols, figsize=(max(2.4 * ncols, 4.8), 2.8), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], rounds, strict=False):
         v = values[n]
         ax.hist(v[~np.isnan(v)], bins=bins, color="tab:blue")
@@ -274,12 +272,10 @@ def plot_reward_histograms(eval_tables: dict, column: str = "reward"):
 
 def figure_png(fig) -> bytes:
     """The figure as PNG bytes (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -297,10 +293,14 @@ def _with_interval(value, ci) -> str:
     return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else _fmt(value)
 
 
-def html_table(header: list[str], rows: list[list]) -> str:
+def html_table(header: list[str], rows: list[list], text_columns: frozenset[int] | set[int] = frozenset()) -> str:
+    """A table of escaped cells; ``text_columns`` hold free text (left-aligned, wrapped, monospace)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v) if not isinstance(v, str) else v)}</td>"
-                                    for v in row) + "</tr>" for row in rows)
+    def cell(i: int, value) -> str:
+        opening = '<td class="text">' if i in text_columns else "<td>"
+        return opening + html.escape(value if isinstance(value, str) else _fmt(value)) + "</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in rows)
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
@@ -321,6 +321,44 @@ def evaluation_rows(evaluations: list[dict]) -> tuple[list[str], list[list]]:
             f"{_fmt(quantiles.get('p50'))} / {_fmt(quantiles.get('p95'))}", e.get("max_length_fraction"),
             _with_interval(e["kl_to_reference"], e.get("kl_to_reference_ci95")), e["failed_scores"]])
     return header, rows
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + " …"
+
+
+def changed_examples(first, last, n: int = 5) -> tuple[list, list]:
+    """Held-out prompts where the last round's reward beats round 0's, and where it loses: at most ``n`` of
+    each, the largest changes first (ties broken by prompt_id). Rows: prompt, round-0 output and reward,
+    last-round output and reward."""
+    from iteralign.prompts import messages_from_cell
+
+    merged = first.merge(last, on="prompt_id", suffixes=("_first", "_last"))
+    merged["change"] = merged["reward_last"] - merged["reward_first"]
+    merged = merged.dropna(subset=["change"]).sort_values(["prompt_id"])
+
+    def rows(frame) -> list[list]:
+        return [[_clip(messages_from_cell(r.prompt_first)[-1]["content"]), _clip(str(r.output_first)),
+                 r.reward_first, _clip(str(r.output_last)), r.reward_last] for r in frame.itertuples(index=False)]
+
+    wins = merged[merged["change"] > 0].sort_values("change", ascending=False, kind="stable").head(n)
+    losses = merged[merged["change"] < 0].sort_values("change", kind="stable").head(n)
+    return rows(wins), rows(losses)
+
+
+def examples_html(eval_tables: dict) -> str:
+    """Round 0 against the last round on the same held-out prompts, as text: what changed."""
+    rounds = sorted(n for n, t in eval_tables.items() if {"prompt", "output", "reward"} <= set(t.columns))
+    if len(rounds) < 2:
+        return "<p>Fewer than two evaluated rounds: nothing to compare yet.</p>"
+    first, last = rounds[0], rounds[-1]
+    wins, losses = changed_examples(eval_tables[first], eval_tables[last])
+    header = ["prompt (last turn)", f"round {first} output", "reward", f"round {last} output", "reward"]
+    parts = []
+    for title, rows in ((f"Round {last} beats round {first}", wins), (f"Round {last} loses to round {first}", losses)):
+        parts.append(f"<h3>{html.escape(title)} ({len(rows)} shown)</h3>")
+        parts.append(html_table(header, rows, text_columns={0, 1, 3}) if rows else "<p>None.</p>")
+    return "\n".join(parts)
 
 
 _STEP_ORDER = ["plan", "sft", "link_sft", "sample", "score", "feedback", "reference", "train", "evaluate"]
@@ -385,7 +423,8 @@ figcaption { font-size: 13px; color: #444; margin-top: 6px; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; white-space: nowrap; }
-th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+th { background: #f4f4f4; white-space: normal; } td:first-child, th:first-child { text-align: left; }
+td.text { text-align: left; white-space: pre-wrap; max-width: 380px; font-family: monospace; font-size: 12px; }
 .ok { background: #e8f5e9; border: 1px solid #a5d6a7; padding: 8px; border-radius: 6px; }
 .problem { background: #fdecea; border: 1px solid #f5a8a0; padding: 8px; border-radius: 6px; }
 pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 12px; }
@@ -492,6 +531,10 @@ bootstrap 95% CIs over prompts; – marks a value that is undefined (e.g. the le
 round whose outputs all have one length, other than round 0's mean). Definitions: docs/evaluation.md.</p>
 {html_table(eval_header, eval_rows)}
 <div class="grid">{figures}</div>
+<h2>What changed: held-out examples</h2>
+<p>The same held-out prompts answered by the first and the last evaluated round, where their rewards differ
+(largest changes first). <code>iteralign show results/&lt;exp&gt;/eval_r{{n}}.parquet</code> prints any round.</p>
+{examples_html(data.eval_tables)}
 <h2>Audit</h2>
 <p>One row per round, read from the artefacts (<code>iteralign audit</code>).</p>
 {html_table(audit_columns, [[r.get(c) for c in audit_columns] for r in rows])}
