@@ -2,7 +2,8 @@
 
 Plots over rounds (held-out reward with CIs and its length-controlled value, win
 rates, output length, max-length hits, KL, feedback kept/dropped), per-step
-training curves, reward histograms per round, then the audit table, provenance
+training curves, reward histograms per round, held-out examples that changed
+between round 0 and the last round, then the audit table, provenance
 verification and the config. Every image is a PNG embedded as a data URI, so
 the file can be mailed or archived alone. Plot functions take plain data and
 return a matplotlib figure; :func:`build_report` puts them together.
@@ -107,15 +108,16 @@ def _interval_errors(values: list[float], intervals: list[list[float]]) -> np.nd
     return np.nan_to_num(np.vstack([values - lo, hi - values]), nan=0.0).clip(min=0.0)
 
 
+# The interval of a metric is `<metric>_ci95`, except for two names the spine gave eval_r{n}.json.
+_CI_KEYS = {"mean_reward": "reward_ci95", "win_rate_vs_r0": "win_rate_ci95"}
+
+
 def _series(evaluations: list[dict], key: str, section: str | None = None):
+    """(rounds, values, intervals) of one metric over the rounds that have it; ``section``: e.g. eval_scorer."""
     rows = [(e["round"], (e.get(section) or {}) if section else e) for e in evaluations]
     rows = [(n, e) for n, e in rows if e.get(key) is not None]
-    rounds = [n for n, _ in rows]
-    values = [e[key] for _, e in rows]
-    ci_key = "win_rate_ci95" if key == "win_rate_vs_r0" else f"{key}_ci95"
-    ci_key = "reward_ci95" if key == "mean_reward" else ci_key
-    intervals = [e.get(ci_key) for _, e in rows]
-    return rounds, values, intervals
+    ci_key = _CI_KEYS.get(key, f"{key}_ci95")
+    return [n for n, _ in rows], [e[key] for _, e in rows], [e.get(ci_key) for _, e in rows]
 
 
 def _rounds_axis(ax, rounds) -> None:
