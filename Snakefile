@@ -25,6 +25,9 @@ coerce_numbers(config)  # YAML 1.1 reads `lr: 5e-7` as text
 validate(config, "schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 wildcard_constraints:
     n=r"\d+",
 
@@ -40,6 +43,7 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/audit.smk"
 include: "rules/retention.smk"
+include: "rules/report.smk"
 
 
 rule all:

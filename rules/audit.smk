@@ -3,7 +3,7 @@ rule audit:
         evaluations=expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)),
         training=expand(result("train_r{n}.jsonl"), n=TRAIN_ROUNDS),
     output:
-        result("audit.tsv"),
+        report(result("audit.tsv"), caption="../report/audit.rst", category="Audit"),
     params:
         results=output_folder,
         benchmarks=str(BENCH),

@@ -78,15 +78,22 @@ def sft_data_file():
     return [] if data.startswith("demo:") else [data]
 
 
-def scorer_files():
-    """What the score step reads besides the samples: the reward model's folder, if any.
+def scorer_files(scoring=None):
+    """What a scorer reads besides the samples: the reward model's folder, if any
+    (``scoring`` defaults to the training scorer, config.scoring).
 
     Declared as an input so that a missing folder fails before any job runs, naming it.
     """
-    scoring = config["scoring"]
-    if scoring["scorer"] == "reward_model":
+    scoring = config["scoring"] if scoring is None else scoring
+    if scoring.get("scorer") == "reward_model" and scoring.get("reward_model", {}).get("path"):
         return [scoring["reward_model"]["path"]]
     return []
+
+
+def evaluation_scorer_files():
+    """The held-out evaluation scores with the training scorer and, if set, evaluation.scorer."""
+    second = config["evaluation"]["scorer"]
+    return scorer_files() + (scorer_files(second) if second else [])
 
 
 def previous_checkpoint(wildcards):
@@ -101,8 +108,17 @@ def eval_baseline(wildcards):
     return [] if int(wildcards.n) == 0 else [result("eval_r0.parquet")]
 
 
+def eval_previous(wildcards):
+    n = int(wildcards.n)
+    return [] if n == 0 else [result(f"eval_r{n - 1}.parquet")]
+
+
 def baseline_option(wildcards, input):
     return f"--baseline {input.baseline}" if input.baseline else ""
+
+
+def previous_option(wildcards, input):
+    return f"--previous {input.previous}" if input.previous else ""
 
 
 def output_folder(wildcards, output):
@@ -142,7 +158,7 @@ def reference_option(wildcards, input):
 
 
 def final_targets():
-    return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv")]
+    return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv"), result("report.html")]
 
 
 # ---------------------------------------------------------------- resources

@@ -1,16 +1,25 @@
 # Same held-out prompts and decoding every round (round 0 = the SFT model).
+# Win rates compare with round 0 (baseline) and round n-1 (previous) on those prompts.
 rule evaluate:
     input:
         prompts=result("prompts.parquet"),
         checkpoint=round_checkpoint,
         reference=checkpoint_dir(0),
         baseline=eval_baseline,
+        previous=eval_previous,
+        scorers=evaluation_scorer_files(),
     output:
         table=result("eval_r{n}.parquet"),
-        summary=result("eval_r{n}.json"),
+        summary=report(
+            result("eval_r{n}.json"),
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            labels={"round": "{n}", "file": "eval_r{n}.json"},
+        ),
     params:
         config=CONFIG_FILE,
         baseline=baseline_option,
+        previous=previous_option,
     log:
         log_file("evaluate_r{n}.log"),
     benchmark:
@@ -23,4 +32,4 @@ rule evaluate:
     shell:
         "iteralign evaluate --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
         "--checkpoint {input.checkpoint} --reference-checkpoint {input.reference} {params.baseline} "
-        "--table {output.table} --summary {output.summary} --threads {threads} > {log} 2>&1"
+        "{params.previous} --table {output.table} --summary {output.summary} --threads {threads} > {log} 2>&1"

@@ -83,7 +83,7 @@ def planned(stubs) -> dict[str, list[dict]]:
 
 
 EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4, "reference": 4, "train": 4,
-                "evaluate": 5, "prune_checkpoint": 3, "audit": 1, "all": 1}
+                "evaluate": 5, "prune_checkpoint": 3, "audit": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("example", ["dpo", "kto"])
@@ -93,10 +93,11 @@ def test_example_config_plans_four_rounds_of_512_prompts_from_the_sft_link(plann
 
 @pytest.mark.parametrize("example", ["dpo", "kto"])
 def test_example_config_gives_training_four_gpus_and_sampling_and_scoring_one(planned, example):
-    # link_sft, prune_checkpoint and audit run on the submitting machine (localrule): no resources
+    # link_sft, prune_checkpoint, audit and report run on the submitting machine (localrule): no resources
     assert gpus_by_rule(planned[example]) == {
         "link_sft": {"none"}, "plan": {"0"}, "sample": {"1"}, "score": {"1"}, "feedback": {"0"},
         "reference": {"4"}, "train": {"4"}, "evaluate": {"1"}, "prune_checkpoint": {"none"}, "audit": {"none"},
+        "report": {"none"},
     }
 
 

@@ -1,4 +1,6 @@
-"""``iteralign audit results/<exp>``: one row per round, read from the artefacts alone."""
+"""``iteralign audit results/<exp>``: one row per round, read from the artefacts alone,
+and a check that every artefact's recorded inputs are still the files on disk.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +8,13 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 AUDIT_COLUMNS = [
     "round", "prompts", "samples", "failed_scores", "sample_reward", "pairs", "prompts_dropped",
     "train_steps", "train_loss", "train_accuracy", "eval_reward", "eval_ci_lo", "eval_ci_hi",
-    "win_rate_vs_r0", "kl_to_reference", "eval_tokens", "seconds",
+    "win_rate_vs_r0", "win_rate_vs_previous", "lc_reward", "eval_scorer_reward", "kl_to_reference",
+    "eval_tokens", "max_length_fraction", "seconds",
 ]
 _ROUND_FILE = re.compile(r"^(?P<kind>[a-z]+)_r(?P<n>\d+)\.(?P<ext>parquet|json|jsonl|tsv)$")
 
@@ -89,6 +93,12 @@ def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> lis
             row.update(eval_reward=ev["mean_reward"], eval_ci_lo=ev["reward_ci95"][0], eval_ci_hi=ev["reward_ci95"][1],
                        win_rate_vs_r0=ev["win_rate_vs_r0"], kl_to_reference=ev["kl_to_reference"],
                        eval_tokens=ev["mean_output_tokens"])
+            # Fields added after the spine: evaluations written before them leave the cells out.
+            later = {"win_rate_vs_previous": ev.get("win_rate_vs_previous"),
+                     "lc_reward": ev.get("length_controlled_reward"),
+                     "max_length_fraction": ev.get("max_length_fraction"),
+                     "eval_scorer_reward": (ev.get("eval_scorer") or {}).get("mean_reward")}
+            row.update({k: v for k, v in later.items() if v is not None})
         seconds = _seconds(bench, n)
         if seconds:
             row["seconds"] = round(sum(seconds.values()), 1)
@@ -119,3 +129,104 @@ def to_tsv(rows: list[dict]) -> str:
     for r in rows:
         lines.append("\t".join("" if r.get(c) is None else str(r.get(c)) for c in AUDIT_COLUMNS))
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- provenance verification
+class ProvenanceProblem(NamedTuple):
+    """An artefact whose recorded input (or own content) no longer matches the file on disk."""
+
+    kind: str  # "changed": an input differs from what was consumed; "missing": it is gone;
+    # "modified": the artefact differs from the hash its own sidecar recorded
+    artefact: str
+    input: str | None
+    message: str
+
+
+def provenance_artefacts(results: Path) -> list[Path]:
+    """Every artefact of an experiment that can carry provenance: its files and checkpoint folders."""
+    files = [p for p in sorted(results.iterdir()) if p.is_file() and not p.name.endswith(".meta.json")
+             and p.suffix in (".parquet", ".json", ".jsonl")]
+    folders = sorted(p for p in results.glob("ckpt_r*/FINAL") if p.is_dir())
+    return files + folders
+
+
+def experiment_workdir(results: Path, recorded_paths: list[str]) -> Path:
+    """The folder the steps ran in, so that recorded relative paths resolve from anywhere.
+
+    A recorded ``results/demo/x.parquet`` of the experiment ``/runs/a/results/demo``
+    ran in ``/runs/a``; with no recorded path inside the experiment, the current folder.
+    """
+    results = results.resolve()
+    for recorded in recorded_paths:
+        parts = Path(recorded).parts
+        if Path(recorded).is_absolute() or results.name not in parts:
+            continue
+        depth = parts.index(results.name) + 1  # components of the experiment folder in the recorded path
+        if results.parts[-depth:] == parts[:depth]:
+            return Path(*results.parts[:-depth]) if len(results.parts) > depth else Path("/")
+    return Path.cwd()
+
+
+def _pruned_sha256(checkpoint: Path) -> str | None:
+    """The sha256 a checkpoint had when retention deleted it (ckpt_r{n}/pruned.json), else None."""
+    record = checkpoint.parent / "pruned.json"
+    if checkpoint.name != "FINAL" or not record.is_file():
+        return None
+    pruned = json.loads(record.read_text())
+    return pruned.get("sha256") if pruned.get("deleted") else None
+
+
+def verify_provenance(results: str | Path, deep: bool = False) -> tuple[int, list[ProvenanceProblem]]:
+    """Check every artefact's recorded inputs against the files now on disk.
+
+    An input whose hash differs from the one its consumer recorded (or that is
+    gone, unless checkpoint retention deleted it after it was consumed: its
+    ``pruned.json`` holds the same hash) is a problem naming both files. A JSON/JSONL file whose content no
+    longer matches its own sidecar's ``sha256`` is one too; checkpoint folders are
+    re-hashed only when ``deep`` (they can be large). Returns (artefacts with
+    provenance checked, problems).
+    """
+    from iteralign.artifacts import artifact_sha256, dir_sha256, file_sha256, read_provenance
+
+    results = Path(results)
+    records = [(path, read_provenance(path)) for path in provenance_artefacts(results)]
+    records = [(path, meta) for path, meta in records if meta]
+    recorded = [entry["path"] for _, meta in records for entry in meta.get("inputs", {}).values()]
+    workdir = experiment_workdir(results, recorded)
+    current: dict[Path, str] = {}
+    problems = []
+    for path, meta in records:
+        own = meta.get("sha256")
+        if own and (path.is_file() or deep):
+            now = file_sha256(path) if path.is_file() else dir_sha256(path)
+            if now != own:
+                problems.append(ProvenanceProblem(
+                    "modified", str(path), None,
+                    f"{path} has sha256 {now[:12]}, but its sidecar recorded {own[:12]} when it was written: "
+                    "it was modified afterwards"))
+        for name, entry in sorted(meta.get("inputs", {}).items()):
+            source = Path(entry["path"])
+            resolved = source if source.is_absolute() else workdir / source
+            if not resolved.exists():
+                if _pruned_sha256(resolved) == entry["sha256"]:
+                    continue  # deleted by checkpoints.keep_last after it was consumed, as it was then
+                problems.append(ProvenanceProblem(
+                    "missing", str(path), entry["path"],
+                    f"{path} was made from {entry['path']} ({name}), which no longer exists"))
+                continue
+            if resolved not in current:
+                current[resolved] = artifact_sha256(resolved)
+            if current[resolved] != entry["sha256"]:
+                problems.append(ProvenanceProblem(
+                    "changed", str(path), entry["path"],
+                    f"{path} was made from {entry['path']} ({name}) with sha256 {entry['sha256'][:12]}, which now "
+                    f"has sha256 {current[resolved][:12]}: {source.name} changed after {path.name} consumed it"))
+    return len(records), problems
+
+
+def format_problems(checked: int, problems: list[ProvenanceProblem]) -> str:
+    if not problems:
+        return f"provenance: {checked} artefacts checked, every recorded input matches the file on disk"
+    lines = [f"provenance: {len(problems)} problem(s) in {checked} artefacts checked"]
+    lines += [f"  {p.kind}: {p.message}" for p in problems]
+    return "\n".join(lines)

@@ -196,23 +196,34 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from iteralign.artifacts import read_parquet, write_json, write_parquet
-    from iteralign.evaluate import evaluate
+    from iteralign.artifacts import read_parquet, read_provenance, write_json, write_parquet
+    from iteralign.evaluate import check_comparable, decoding_settings, evaluate
 
     config = _config(args)
     _threads(args)
     prov = _provenance("evaluate", config, {"prompts": args.prompts, "checkpoint": args.checkpoint,
                                             "reference_checkpoint": args.reference_checkpoint,
-                                            "baseline": args.baseline})
-    baseline = read_parquet(args.baseline) if args.baseline else None
-    if args.round > 0 and baseline is None:
-        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) for the win rate")
-    frame, summary = evaluate(config, args.round, read_parquet(args.prompts), args.checkpoint,
-                              args.reference_checkpoint, baseline)
-    log.info("round %d eval: mean reward %.4f CI %s win rate vs r0 %.3f KL %.4f", args.round,
-             summary["mean_reward"], [round(x, 4) for x in summary["reward_ci95"]], summary["win_rate_vs_r0"],
-             summary["kl_to_reference"])
-    record = prov.record(round=args.round)
+                                            "baseline": args.baseline, "previous": args.previous})
+    if args.round > 0 and (args.baseline is None or args.previous is None):
+        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
+                         "(eval_r{n-1}.parquet) for the win rates")
+    plan = read_parquet(args.prompts)
+    eval_ids = plan.loc[plan["split"] == "eval", "prompt_id"]
+    decoding = decoding_settings(config)
+    needs = ["eval_scorer_reward"] if config["evaluation"]["scorer"] is not None else []
+    others = {}
+    for name, path in (("baseline", args.baseline), ("previous", args.previous)):
+        if path:  # checked before generating: a mismatch fails in seconds, not after the model ran
+            others[name] = read_parquet(path)
+            recorded = (read_provenance(path) or {}).get("decoding")
+            check_comparable(others[name], path, eval_ids, decoding, recorded, needs)
+    frame, summary = evaluate(config, args.round, plan, args.checkpoint, args.reference_checkpoint,
+                              others.get("baseline"), others.get("previous"))
+    log.info("round %d eval: mean reward %.4f CI %s, win rate vs r0 %.3f, vs previous %.3f, "
+             "length-controlled reward %.4f, KL %.4f", args.round, summary["mean_reward"],
+             [round(x, 4) for x in summary["reward_ci95"]], summary["win_rate_vs_r0"],
+             summary["win_rate_vs_previous"], summary["length_controlled_reward"], summary["kl_to_reference"])
+    record = prov.record(round=args.round, decoding=decoding)
     write_parquet(frame, args.table, record)
     write_json(summary, args.summary, record)
 
@@ -227,18 +238,39 @@ def cmd_prune(args) -> None:
     write_json(record, args.output, prov.record(round=args.round))
 
 
-def cmd_audit(args) -> None:
+def cmd_audit(args) -> int:
     import json
 
-    from iteralign.audit import audit_rows, format_table, to_tsv
+    from iteralign.audit import audit_rows, format_problems, format_table, to_tsv, verify_provenance
 
     rows = audit_rows(args.results, args.benchmarks)
+    checked, problems = verify_provenance(args.results, deep=args.deep)
     if args.output:
         from iteralign.artifacts import atomic_path
 
         with atomic_path(Path(args.output)) as tmp:
             tmp.write_text(to_tsv(rows))
-    print(json.dumps(rows, indent=2, default=str) if args.json else format_table(rows))
+    if args.json:
+        provenance = {"checked": checked, "problems": [p._asdict() for p in problems]}
+        print(json.dumps({"rounds": rows, "provenance": provenance}, indent=2, default=str))
+    else:
+        print(format_table(rows))
+        print()
+        print(format_problems(checked, problems))
+    return 1 if problems and args.strict else 0
+
+
+def cmd_report(args) -> None:
+    from iteralign.report import write_report
+
+    write_report(args.results, args.output, _config(args), args.benchmarks)
+    log.info("report: %s", args.output)
+
+
+def cmd_show(args) -> None:
+    from iteralign.show import show
+
+    print(show(args.path, n=args.n, start=args.start, prompt_id=args.prompt_id))
 
 
 # ---------------------------------------------------------------- parser
@@ -291,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--reference-checkpoint", required=True)
     p.add_argument("--baseline", default=None, help="eval_r0.parquet (rounds > 0)")
+    p.add_argument("--previous", default=None, help="eval_r{n-1}.parquet (rounds > 0)")
     p.add_argument("--table", required=True, help="eval_r{n}.parquet")
     p.add_argument("--summary", required=True, help="eval_r{n}.json")
 
@@ -299,12 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="results/<exp>/ckpt_r{n}/FINAL")
     p.add_argument("--output", required=True, help="ckpt_r{n}/pruned.json: what was deleted")
 
-    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts")
+    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts; verifies provenance")
     p.set_defaults(func=cmd_audit)
     p.add_argument("results", help="results/<experiment>")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print {rounds, provenance} as JSON")
     p.add_argument("--output", default=None, help="also write the table as TSV")
     p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
+    p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
+    p = step("report", cmd_report, "one self-contained HTML report of an experiment")
+    p.add_argument("results", help="results/<experiment>")
+    p.add_argument("--output", required=True, help="report.html")
+    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
+    p.set_defaults(func=cmd_show)
+    p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
+    p.add_argument("--n", type=int, default=5, help="how many items (prompts for per-sample files)")
+    p.add_argument("--start", type=int, default=0, help="index of the first item")
+    p.add_argument("--prompt-id", default=None, help="only this prompt")
     return parser
 
 
@@ -318,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     _log_job_environment(args.step)
     try:
-        args.func(args)
+        status = args.func(args)
     except (ConfigError, PromptError, FeedbackError, RetentionError, FileNotFoundError, ValueError) as exc:
         # Input a user can fix: one line naming the problem. Anything else keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise
         print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
