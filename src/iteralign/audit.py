@@ -57,8 +57,8 @@ def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> lis
     if not results.is_dir():
         raise FileNotFoundError(f"{results} is not a results folder")
     bench = Path(benchmarks) if benchmarks else None
-    if bench is None:
-        guess = Path("benchmarks") / results.name
+    if bench is None:  # the layout's <workdir>/benchmarks/<exp>, beside <workdir>/results/<exp>
+        guess = results.resolve().parent.parent / "benchmarks" / results.name
         bench = guess if guess.is_dir() else None
     plan = results / "prompts.parquet"
     prompts = pd.read_parquet(plan, columns=["split", "round"]) if plan.exists() else None

@@ -337,13 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results/<experiment>")
     p.add_argument("--json", action="store_true", help="print {rounds, provenance} as JSON")
     p.add_argument("--output", default=None, help="also write the table as TSV")
-    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
     p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
     p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
     p = step("report", cmd_report, "one self-contained HTML report of an experiment")
     p.add_argument("results", help="results/<experiment>")
     p.add_argument("--output", required=True, help="report.html")
-    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default benchmarks/<exp>)")
+    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
     p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
     p.set_defaults(func=cmd_show)
     p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    _log_job_environment(args.step)
+    if args.step != "show" and not (args.step == "audit" and args.output is None):  # not for a person's query
+        _log_job_environment(args.step)
     try:
         status = args.func(args)
     except (ConfigError, PromptError, FeedbackError, RetentionError, FileNotFoundError, ValueError) as exc:

@@ -104,9 +104,9 @@ def run_sft(config: dict, output: str | Path, metrics_path: str | Path, provenan
     model.eval()
     state = {"round": 0, "global_step": 0, "examples_seen": 0, "sft_steps": step,
              "sft_final_loss": rows[-1]["loss"] if rows else None}
-    write_jsonl(rows, metrics_path)
-    save_checkpoint(output, model.cpu(), tokenizer, state,
-                    provenance=provenance.record(sft_steps=step, examples=len(encoded)) if provenance else None)
+    record = provenance.record(sft_steps=step, examples=len(encoded)) if provenance else None
+    write_jsonl(rows, metrics_path, record)
+    save_checkpoint(output, model.cpu(), tokenizer, state, provenance=record)
     return state
 
 

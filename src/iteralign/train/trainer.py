@@ -453,9 +453,9 @@ def train_round(
     full_state_dict = accelerator.get_state_dict(model)
     optimizer_state = optimizer_state_to_save(model, optimizer)
     if accelerator.is_main_process:
-        write_jsonl(rows, metrics_path)
         extra = {"round": round_n, "steps": total_steps, "examples": len(examples), "truncation": truncation,
                  "padding": padding}
+        write_jsonl(rows, metrics_path, provenance.record(**extra) if provenance else None)
         save_checkpoint(
             output_checkpoint,
             accelerator.unwrap_model(model),
