@@ -46,8 +46,8 @@ def _build_model(config: dict, examples):
             "".join(out for _, out in examples))))
         tokenizer = build_char_tokenizer(alphabet)
         tiny = scfg["tiny"]
-        model = build_llama(tokenizer, tiny["hidden_size"], tiny["intermediate_size"], tiny["num_layers"],
-                            tiny["num_heads"], tiny["max_position_embeddings"], seed=config["seed"])
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings")
+        model = build_llama(tokenizer, seed=config["seed"], **{key: tiny[key] for key in sizes})
         return model, tokenizer
     from iteralign.modeling import load_causal_lm, load_tokenizer
 

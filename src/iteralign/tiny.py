@@ -62,20 +62,12 @@ def llama_config(
     )
 
 
-def build_llama(
-    tokenizer,
-    hidden_size: int = 128,
-    intermediate_size: int = 256,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    max_position_embeddings: int = 64,
-    seed: int = 0,
-):
+def build_llama(tokenizer, seed: int = 0, **shape):
+    """A randomly initialised LlamaForCausalLM with tied embeddings. ``shape``: llama_config's sizes."""
     import torch
     from transformers import LlamaForCausalLM
 
-    config = llama_config(tokenizer, hidden_size, intermediate_size, num_layers, num_heads,
-                          max_position_embeddings, tie_word_embeddings=True)
+    config = llama_config(tokenizer, tie_word_embeddings=True, **shape)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
