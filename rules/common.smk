@@ -113,12 +113,15 @@ def eval_previous(wildcards):
     return [] if n == 0 else [result(f"eval_r{n - 1}.parquet")]
 
 
-def baseline_option(wildcards, input):
-    return f"--baseline {input.baseline}" if input.baseline else ""
+def input_option(name):
+    """A params function: `--<name> <the rule's input files called name>`, or nothing when there are none."""
 
+    def render(wildcards, input):
+        files = getattr(input, name)
+        files = [files] if isinstance(files, str) else list(files)
+        return f"--{name} {' '.join(files)}" if files else ""
 
-def previous_option(wildcards, input):
-    return f"--previous {input.previous}" if input.previous else ""
+    return render
 
 
 def output_folder(wildcards, output):
@@ -151,10 +154,6 @@ def train_reference(wildcards):
         return []
     rounds = iteralign_config.history_rounds(config["training"], int(wildcards.n))
     return [result(f"reflogps_r{m}.parquet") for m in rounds]
-
-
-def reference_option(wildcards, input):
-    return f"--reference {' '.join(input.reference)}" if input.reference else ""
 
 
 def final_targets():

@@ -18,8 +18,8 @@ rule evaluate:
         ),
     params:
         config=CONFIG_FILE,
-        baseline=baseline_option,
-        previous=previous_option,
+        baseline=input_option("baseline"),
+        previous=input_option("previous"),
     log:
         log_file("evaluate_r{n}.log"),
     benchmark:

@@ -12,7 +12,7 @@ rule train:
     params:
         config=CONFIG_FILE,
         launch=launcher("train"),
-        reference=reference_option,
+        reference=input_option("reference"),
     log:
         log_file("train_r{n}.log"),
     benchmark:
