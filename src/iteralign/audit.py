@@ -176,7 +176,8 @@ def _pruned_sha256(checkpoint: Path) -> str | None:
     return pruned.get("sha256") if pruned.get("deleted") else None
 
 
-def verify_provenance(results: str | Path, deep: bool = False) -> tuple[int, list[ProvenanceProblem]]:
+def verify_provenance(results: str | Path, deep: bool = False,
+                      hashes: dict[Path, str] | None = None) -> tuple[int, list[ProvenanceProblem]]:
     """Check every artefact's recorded inputs against the files now on disk.
 
     An input whose hash differs from the one its consumer recorded (or that is
@@ -184,7 +185,8 @@ def verify_provenance(results: str | Path, deep: bool = False) -> tuple[int, lis
     ``pruned.json`` holds the same hash) is a problem naming both files. A JSON/JSONL file whose content no
     longer matches its own sidecar's ``sha256`` is one too; checkpoint folders are
     re-hashed only when ``deep`` (they can be large). Returns (artefacts with
-    provenance checked, problems).
+    provenance checked, problems); ``hashes``, when given, is filled with the hash
+    of every file it read (by resolved path), for a caller that lists them too.
     """
     from iteralign.artifacts import artifact_sha256, dir_sha256, file_sha256, read_provenance
 
@@ -193,12 +195,14 @@ def verify_provenance(results: str | Path, deep: bool = False) -> tuple[int, lis
     records = [(path, meta) for path, meta in records if meta]
     recorded = [entry["path"] for _, meta in records for entry in meta.get("inputs", {}).values()]
     workdir = experiment_workdir(results, recorded)
-    current: dict[Path, str] = {}
+    current: dict[Path, str] = {} if hashes is None else hashes
     problems = []
     for path, meta in records:
         own = meta.get("sha256")
         if own and (path.is_file() or deep):
             now = file_sha256(path) if path.is_file() else dir_sha256(path)
+            if path.is_file():  # a folder's artifact_sha256 is its sidecar's, not this fresh hash
+                current[path.resolve()] = now
             if now != own:
                 problems.append(ProvenanceProblem(
                     "modified", str(path), None,

@@ -17,7 +17,9 @@ log = logging.getLogger("iteralign")
 
 
 def _setup_logging(level: str) -> None:
-    if not _is_main_process():  # the other processes of an `accelerate launch` only warn
+    from iteralign.cluster import is_main_process
+
+    if not is_main_process():  # the other processes of an `accelerate launch` only warn
         level = "warning"
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -116,7 +118,8 @@ def cmd_sample(args) -> None:
 
 def cmd_score(args) -> None:
     from iteralign.artifacts import check_columns, read_parquet, write_parquet
-    from iteralign.score import is_main_process, score_samples
+    from iteralign.cluster import is_main_process
+    from iteralign.score import score_samples
 
     config = _config(args)
     _threads(args)
@@ -167,20 +170,17 @@ def cmd_feedback(args) -> None:
 
 def cmd_reference(args) -> None:
     from iteralign.artifacts import write_parquet
+    from iteralign.cluster import is_main_process
     from iteralign.reference import reference_logps
 
     config = _config(args)
     _threads(args)
-    prov = _provenance("reference", config, {"feedback": args.feedback, "checkpoint": args.checkpoint})
+    main = is_main_process()  # under accelerate launch, every process computes a share; rank 0 writes
+    prov = _provenance("reference", config, {"feedback": args.feedback, "checkpoint": args.checkpoint}) if main else None
     frame = reference_logps(config, args.feedback, args.checkpoint)
-    if _is_main_process():
+    if main:
         log.info("round %d: reference log-probs of %d sequences", args.round, len(frame))
         write_parquet(frame, args.output, prov.record(round=args.round, rows=len(frame)))
-
-
-def _is_main_process() -> bool:
-    """False on the other processes of an `accelerate launch` (they leave writing to rank 0)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(args) -> None:
@@ -354,19 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from iteralign.config import ConfigError
-    from iteralign.feedback import FeedbackError
-    from iteralign.prompts import PromptError
-    from iteralign.retention import RetentionError
-
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     if args.step != "show" and not (args.step == "audit" and args.output is None):  # not for a person's query
         _log_job_environment(args.step)
     try:
         status = args.func(args)
-    except (ConfigError, PromptError, FeedbackError, RetentionError, FileNotFoundError, ValueError) as exc:
-        # Input a user can fix: one line naming the problem. Anything else keeps its traceback.
+    except (FileNotFoundError, ValueError) as exc:
+        # Input a user can fix (ConfigError, PromptError, FeedbackError and RetentionError are
+        # ValueErrors): one line naming the problem. Anything else keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise
         print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)

@@ -25,3 +25,8 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The job variables that are set (all of them absent outside a scheduler and without GPUs)."""
     environ = os.environ if environ is None else environ
     return {name: environ[name] for name in JOB_VARIABLES if name in environ}
+
+
+def is_main_process() -> bool:
+    """False in the non-zero ranks of an ``accelerate launch``ed step (they leave writing to rank 0)."""
+    return int(os.environ.get("RANK", "0")) == 0

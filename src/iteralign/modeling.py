@@ -46,6 +46,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_si
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
+        # (a reward-model head that finds the last token by the pad id then reads the last non-EOS token)
+        log.warning("tokenizer %s has no pad token: padding with EOS %r", path, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer

@@ -43,10 +43,11 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
         encode(tokenizer, render(pid, prompt), completion, tcfg["max_length"], tcfg["max_prompt_length"])
         for pid, prompt, completion in sequences
     ]
-    truncated = sum(e.truncated_prompt or e.truncated_completion for e in encoded)
-    if truncated:
+    truncated = [e.truncated_prompt or e.truncated_completion for e in encoded]
+    if any(truncated):
         log.warning("%d of %d sequences were truncated to training.max_prompt_length=%d / max_length=%d "
-                    "(column `truncated`)", truncated, len(encoded), tcfg["max_prompt_length"], tcfg["max_length"])
+                    "(column `truncated`)", sum(truncated), len(encoded), tcfg["max_prompt_length"],
+                    tcfg["max_length"])
     if encoded:
         accelerator = make_accelerator(tcfg)
         # float32 weights under the trainer's autocast: at the first step of round 1 the
@@ -65,5 +66,5 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
         "completion_key": [completion_key(s[2]) for s in sequences],
         "reference_logp": pd.array(logps, dtype="float64"),
         "num_tokens": pd.array(counts, dtype="int64"),
-        "truncated": [e.truncated_prompt or e.truncated_completion for e in encoded],
+        "truncated": truncated,
     }, columns=REFERENCE_COLUMNS)

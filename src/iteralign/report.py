@@ -145,12 +145,12 @@ def plot_reward(evaluations: list[dict], section: str | None = None, title: str 
     return fig
 
 
-def plot_win_rates(evaluations: list[dict], section: str | None = None):
+def plot_win_rates(evaluations: list[dict]):
     """Win rate against round 0 and against the previous round, with 95% CIs; 0.5 is a draw."""
     fig, (ax,) = _figure()
     for key, label, shift in (("win_rate_vs_r0", "vs round 0", 0.0), ("win_rate_vs_previous", "vs previous round",
                                                                          0.08)):
-        rounds, values, intervals = _series(evaluations, key, section)
+        rounds, values, intervals = _series(evaluations, key)
         ax.errorbar([r + shift for r in rounds], values, yerr=_interval_errors(values, intervals), marker="o",
                     capsize=4, label=label)
     ax.axhline(0.5, color="grey", linewidth=1, linestyle=":")
@@ -250,10 +250,10 @@ def plot_training(steps: list[dict], metrics: list[str]):
     return fig
 
 
-def plot_reward_histograms(eval_tables: dict, column: str = "reward"):
+def plot_reward_histograms(eval_tables: dict):
     """Histogram of held-out rewards, one panel per round, on shared bins."""
-    rounds = sorted(n for n, t in eval_tables.items() if column in t)
-    values = {n: eval_tables[n][column].to_numpy(dtype=float) for n in rounds}
+    rounds = sorted(n for n, t in eval_tables.items() if "reward" in t)
+    values = {n: eval_tables[n]["reward"].to_numpy(dtype=float) for n in rounds}
     finite = np.concatenate([v[~np.isnan(v)] for v in values.values()]) if values else np.array([])
     lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
     if hi <= lo:
@@ -266,7 +266,7 @@ def plot_reward_histograms(eval_tables: dict, column: str = "reward"):
         ax.hist(v[~np.isnan(v)], bins=bins, color="tab:blue")
         ax.set_title(f"round {n}" + (f" ({int(np.isnan(v).sum())} failed)" if np.isnan(v).any() else ""),
                      fontsize=9)
-        ax.set_xlabel(column)
+        ax.set_xlabel("reward")
     axes[0][0].set_ylabel("prompts")
     fig.tight_layout()
     return fig
@@ -375,17 +375,20 @@ def _pipeline_order(path: Path, meta: dict) -> tuple:
     return (round_n, _STEP_ORDER.index(step) if step in _STEP_ORDER else len(_STEP_ORDER), str(path))
 
 
-def provenance_rows(results: Path) -> list[list]:
-    """One row per artefact in pipeline order: its step, round, config hash, commit, finish time, hash."""
+def provenance_rows(results: Path, hashes: dict[Path, str] | None = None) -> list[list]:
+    """One row per artefact in pipeline order: its step, round, config hash, commit, finish time, hash
+    (from ``hashes``, what verify_provenance already computed, where it has it)."""
     from iteralign.artifacts import artifact_sha256, read_provenance
     from iteralign.audit import provenance_artefacts
+
+    hashes = {} if hashes is None else hashes
 
     records = [(path, read_provenance(path) or {}) for path in provenance_artefacts(results)]
     rows = []
     for path, meta in sorted(records, key=lambda record: _pipeline_order(*record)):
         rows.append([str(path.relative_to(results)), meta.get("step", "no provenance"), meta.get("round", "–"),
                      meta.get("config_hash", "–"), (meta.get("git_commit") or "–")[:10], meta.get("finished", "–"),
-                     meta.get("seconds"), artifact_sha256(path)[:12]])
+                     meta.get("seconds"), (hashes.get(path.resolve()) or artifact_sha256(path))[:12]])
     return rows
 
 
@@ -393,7 +396,8 @@ def provenance_html(results: Path, config_hash: str) -> str:
     """The verification verdict, which config hashes made the artefacts, and the per-artefact table."""
     from iteralign.audit import verify_provenance
 
-    checked, problems = verify_provenance(results)
+    hashes: dict[Path, str] = {}  # each artefact is hashed once, for the check and for the table
+    checked, problems = verify_provenance(results, hashes=hashes)
     if problems:
         parts = [f'<div class="problem"><b>{len(problems)} provenance problem(s)</b> in {checked} artefacts:<ul>'
                  + "".join(f"<li>{html.escape(p.kind)}: {html.escape(p.message)}</li>" for p in problems)
@@ -401,7 +405,7 @@ def provenance_html(results: Path, config_hash: str) -> str:
     else:
         parts = [f'<div class="ok">Provenance verified: every recorded input of the {checked} artefacts with '
                  "provenance matches the file on disk.</div>"]
-    rows = provenance_rows(results)
+    rows = provenance_rows(results, hashes)
     hashes = sorted({row[3] for row in rows if row[3] != "–"})
     others = [h for h in hashes if h != config_hash]
     if others:
@@ -489,7 +493,7 @@ def plots(data: ExperimentData) -> list[tuple[str, object, str, bool]]:
         out.append(("Feedback kept and dropped", plot_feedback(data.feedback),
                     "Training prompts of each round that produced feedback, and those dropped by reason "
                     "(from feedback_r{n}.meta.json); the label on top is the number of feedback items.", False))
-    if any(column in t for t in data.eval_tables.values() for column in ("reward",)):
+    if any("reward" in t for t in data.eval_tables.values()):
         out.append(("Reward histograms", plot_reward_histograms(data.eval_tables),
                     "Held-out rewards of each round on shared bins.", True))
     metrics = training_curves(data.steps)
@@ -508,6 +512,7 @@ def build_report(results: str | Path, config: dict, benchmarks: str | Path | Non
     from iteralign.config import config_hash
 
     results = Path(results)
+    this_hash = config_hash(config)
     data = load_experiment(results)
     figures = "".join(_figure_html(title, figure_png(fig), caption, wide)
                       for title, fig, caption, wide in plots(data))
@@ -541,9 +546,9 @@ round whose outputs all have one length, other than round 0's mean). Definitions
 <p>One row per round, read from the artefacts (<code>iteralign audit</code>).</p>
 {html_table(audit_columns, [[r.get(c) for c in audit_columns] for r in rows])}
 <h2>Provenance</h2>
-{provenance_html(results, config_hash(config))}
+{provenance_html(results, this_hash)}
 <h2>Config</h2>
-<p>The validated config with every default filled in (config hash {html.escape(config_hash(config))}).</p>
+<p>The validated config with every default filled in (config hash {html.escape(this_hash)}).</p>
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
 <script>{_SCRIPT}</script>
 </body></html>

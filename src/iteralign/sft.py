@@ -45,9 +45,7 @@ def _build_model(config: dict, examples):
         alphabet = "".join(sorted({c for msgs, out in examples for m in msgs for c in m["content"]} | set(
             "".join(out for _, out in examples))))
         tokenizer = build_char_tokenizer(alphabet)
-        tiny = scfg["tiny"]
-        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings")
-        model = build_llama(tokenizer, seed=config["seed"], **{key: tiny[key] for key in sizes})
+        model = build_llama(tokenizer, seed=config["seed"], **scfg["tiny"])
         return model, tokenizer
     from iteralign.modeling import load_causal_lm, load_tokenizer
 

@@ -14,7 +14,6 @@ failure budget are applied here, the same for every scorer.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -123,8 +122,3 @@ def check_failures(rewards: list[float], errors: list[str | None], max_failed_fr
 
 def is_failed(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def is_main_process() -> bool:
-    """False in the non-zero ranks of an ``accelerate launch``ed step (they do not write)."""
-    return int(os.environ.get("RANK", "0")) == 0

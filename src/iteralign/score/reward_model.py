@@ -28,8 +28,6 @@ from iteralign.score import ScoreResult
 
 log = logging.getLogger(__name__)
 
-HEADS = ("bradley_terry", "two_class", "multi_objective")
-
 
 # ---------------------------------------------------------------- loading
 def check_checkpoint(path: str | Path, trust_remote_code: bool) -> Path:
@@ -68,20 +66,6 @@ def load_reward_model(path: Path, trust_remote_code: bool, dtype, device):
         )
     model.config.use_cache = False
     return model.to(device).eval()
-
-
-def load_reward_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from iteralign.modeling import ensure_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    ensure_chat_template(tokenizer)  # warns when the reward model ships none
-    if tokenizer.pad_token_id is None:
-        # A head that finds the last token by the pad id then reads the last non-EOS token.
-        log.warning("reward model tokenizer %s has no pad token: padding with EOS %r", path, tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 # ---------------------------------------------------------------- inputs
@@ -222,9 +206,11 @@ class RewardModelScorer:
         self.progress = True  # a progress bar on rank 0
 
     def score(self, prompts: list[list[dict]], outputs: list[str]) -> ScoreResult:
+        from iteralign.modeling import load_tokenizer
+
         rank, world, device = _process_layout(self.use_gpu)
         trust = self.cfg["trust_remote_code"]
-        tokenizer = load_reward_tokenizer(self.path, trust)
+        tokenizer = load_tokenizer(self.path, trust)  # the reward model's own tokenizer and template
         encoded, truncated = encode_conversations(tokenizer, prompts, outputs, self.cfg["max_length"])
         if truncated and rank == 0:
             log.warning("%d of %d samples are longer than scoring.reward_model.max_length=%d tokens: "

@@ -217,32 +217,33 @@ def paired_objective(tcfg: dict, policy_chosen, policy_rejected, reference_chose
 
 
 def _micro_batch_loss(model, batch: list[dict], tcfg: dict, pad_id: int, device, kl: torch.Tensor | None):
-    """Sum of per-example losses of a micro-batch, and sums for the step's metrics."""
+    """Sum of per-example losses of a micro-batch, and sums for the step's metrics (detached
+    tensors: they are read once per step, in _reduce_sums, not synchronised per micro-batch)."""
     loss = tcfg["loss"]
     paired = loss in PAIRED_LOSSES
     sequences = [b["chosen"] for b in batch] + [b["rejected"] for b in batch] if paired else \
         [b["completion"] for b in batch]
     tensors = collate(sequences, pad_id, device)  # chosen and rejected in one forward pass
     logps, lengths = completion_logps(model, **tensors)
-    sums = {"tokens": tensors["attention_mask"].sum().item(), "positions": tensors["attention_mask"].numel()}
+    sums = {"tokens": sum(len(s.input_ids) for s in sequences), "positions": tensors["attention_mask"].numel()}
     if paired:
         n = len(batch)
         per_example, chosen_r, rejected_r = paired_objective(
             tcfg, logps[:n], logps[n:], _values(batch, "reference_chosen", device),
             _values(batch, "reference_rejected", device), lengths[:n], lengths[n:])
-        sums.update(reward_chosen=chosen_r.sum().item(), reward_rejected=rejected_r.sum().item(),
-                    accuracy=(chosen_r > rejected_r).float().sum().item(),
-                    logp_chosen=logps[:n].detach().sum().item(), logp_rejected=logps[n:].detach().sum().item())
+        sums.update(reward_chosen=chosen_r.sum().detach(), reward_rejected=rejected_r.sum().detach(),
+                    accuracy=(chosen_r > rejected_r).float().sum().detach(),
+                    logp_chosen=logps[:n].detach().sum(), logp_rejected=logps[n:].detach().sum())
     elif loss == "kto":
         desirable = torch.tensor([b["desirable"] for b in batch], device=device)
         kcfg = tcfg["kto"]
         per_example, rewards = losses.kto_loss(logps, _values(batch, "reference", device), desirable, kl,
                                                tcfg["beta"], kcfg["desirable_weight"], kcfg["undesirable_weight"])
-        sums.update(reward_desirable=rewards[desirable].sum().item(),
-                    reward_undesirable=rewards[~desirable].sum().item(), desirable=desirable.sum().item())
+        sums.update(reward_desirable=rewards[desirable].sum().detach(),
+                    reward_undesirable=rewards[~desirable].sum().detach(), desirable=desirable.sum().detach())
     elif loss == "sft":
         per_example, mean_logps = losses.sft_loss(logps, lengths)
-        sums.update(logp_per_token=mean_logps.sum().item())
+        sums.update(logp_per_token=mean_logps.sum().detach())
     else:  # grpo
         gcfg = tcfg["grpo"]
         advantages = _values(batch, "advantage", device)
@@ -251,14 +252,14 @@ def _micro_batch_loss(model, batch: list[dict], tcfg: dict, pad_id: int, device,
             gcfg["clip_epsilon"], gcfg["kl_weight"])
         clipped = ((ratios > 1 + gcfg["clip_epsilon"]) & (advantages > 0)) | \
             ((ratios < 1 - gcfg["clip_epsilon"]) & (advantages < 0))
-        sums.update(kl=kl_terms.sum().item(), ratio=ratios.sum().item(), clip_fraction=clipped.float().sum().item())
+        sums.update(kl=kl_terms.sum().detach(), ratio=ratios.sum().detach(), clip_fraction=clipped.float().sum().detach())
     return per_example.sum(), sums
 
 
-def _reduce_sums(accelerator, sums: dict[str, float]) -> dict[str, float]:
+def _reduce_sums(accelerator, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Sum the step's metric sums over processes (one collective per step)."""
     keys = sorted(sums)
-    packed = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=accelerator.device) for k in keys])
     return dict(zip(keys, accelerator.reduce(packed, "sum").tolist(), strict=True))
 
 
@@ -396,15 +397,18 @@ def train_round(
             global_batch = [examples[i] for i in batch_indices]
             # every process runs the same number of micro-batches; padding ones have weight 0
             chunks = process_chunks(global_batch, rank, world, micro)
-            kl = _kto_reference_point(accelerator, model, chunks, pad_id) if tcfg["loss"] == "kto" else None
-            step_sums: dict[str, float] = {"loss": 0.0}
+            kl = None
+            if tcfg["loss"] == "kto":  # under the same autocast as the loss and the reference job
+                with accelerator.autocast():
+                    kl = _kto_reference_point(accelerator, model, chunks, pad_id)
+            step_sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
             for index, (chunk, weight) in enumerate(chunks):
                 last = index == len(chunks) - 1
                 context = contextlib.nullcontext() if last else accelerator.no_sync(model)
                 with context, accelerator.autocast():
                     chunk_loss, chunk_sums = _micro_batch_loss(model, chunk, tcfg, pad_id, device, kl)
                     accelerator.backward(chunk_loss * weight * world / len(global_batch))
-                chunk_sums["loss"] = chunk_loss.item()
+                chunk_sums["loss"] = chunk_loss.detach()
                 for key, value in chunk_sums.items():
                     step_sums[key] = step_sums.get(key, 0.0) + value * weight
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"])
@@ -455,7 +459,8 @@ def train_round(
     if accelerator.is_main_process:
         extra = {"round": round_n, "steps": total_steps, "examples": len(examples), "truncation": truncation,
                  "padding": padding}
-        write_jsonl(rows, metrics_path, provenance.record(**extra) if provenance else None)
+        record = provenance.record(**extra) if provenance else None
+        write_jsonl(rows, metrics_path, record)
         save_checkpoint(
             output_checkpoint,
             accelerator.unwrap_model(model),
@@ -463,7 +468,7 @@ def train_round(
             state,
             optimizer_state=optimizer_state,
             scheduler_state=scheduler.state_dict(),
-            provenance=provenance.record(**extra) if provenance else None,
+            provenance=record,
             state_dict=full_state_dict,
         )
     accelerator.wait_for_everyone()
