@@ -35,6 +35,8 @@ from iteralign.score.reward_server import (
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SERVED_NAME = "rm"
+KEY_ENV = "ITERALIGN_TEST_RM_KEY"
+SECRET = "sk-rmserver-test-0123456789"  # the server's key (VLLM_API_KEY); the scorer reads it from KEY_ENV
 START_TIMEOUT_S = 900  # a busy 2-core machine needs several minutes to start vLLM
 # float32 on both sides; vLLM's CPU kernels sum in another order than torch's, which
 # moved these rewards (0.7 to 2.3) by at most 1.1e-6 on 64 samples (1.6e-5 on rewards
@@ -121,7 +123,7 @@ def server(checkpoint, tmp_path_factory):
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
                "--runner", "pooling", "--dtype", "float32", "--enforce-eager",
                "--gpu-memory-utilization", "0.1", "--max-model-len", "512"]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_API_KEY": SECRET}
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -130,6 +132,11 @@ def server(checkpoint, tmp_path_factory):
         yield url
     finally:
         stop(process)
+
+
+@pytest.fixture(autouse=True)
+def server_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
 
 
 def requests_served(url: str) -> float:
@@ -142,7 +149,8 @@ def requests_served(url: str) -> float:
 
 def served_config(url: str, tmp_path: Path, **server) -> dict:
     return cfg.validate(micro_config(results_dir=str(tmp_path / "results"), scoring={
-        "scorer": "reward_server", "reward_server": {"base_url": url, "model": SERVED_NAME, **server}}))
+        "scorer": "reward_server",
+        "reward_server": {"base_url": url, "model": SERVED_NAME, "api_key_env": KEY_ENV, **server}}))
 
 
 def local_config(checkpoint: Path) -> dict:
@@ -170,6 +178,19 @@ def test_served_rewards_equal_the_local_reward_model_and_a_rerun_sends_nothing(s
     assert requests_served(server) == after_first  # the second run was answered from the cache
     assert second.rewards == first.rewards
     assert second.usage["cache_hits"] == 16 and second.usage["requests_sent"] == 0
+    cached = [p for p in (tmp_path / "results").rglob("*.json")]
+    assert len(cached) == 16 and not any(SECRET in p.read_text() for p in cached)
+
+
+@pytest.mark.vllm
+def test_a_key_the_server_refuses_is_named_in_one_line_without_the_key(server, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key-9876543210")
+    with pytest.raises(ScoringError) as failure:
+        build_scorer(served_config(server, tmp_path)).score(PROMPTS[:1], OUTPUTS[:1])
+    message = str(failure.value)
+    assert message.startswith(f"scoring.reward_server.api_key_env: the server at {server} refused the request "
+                              "(HTTP 401")
+    assert "\n" not in message and "sk-wrong" not in message and SECRET not in message
 
 
 @pytest.mark.vllm

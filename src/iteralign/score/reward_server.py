@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
+from pathlib import Path
 
 from iteralign.score import ScoreResult, ScoringError
 from iteralign.score.judge import JudgeScorer, MalformedReply, describe_failure, redact
@@ -83,13 +84,23 @@ def served_checkpoint(listing, model: str, root: str) -> str:
     return str(served[model])
 
 
+def unreachable_message(root: str, reason: str, status: int | None) -> str:
+    """The one line that fails the step when /v1/models does not answer with a listing."""
+    if status in (401, 403):
+        return f"{SECTION}.api_key_env: the server at {root} refused the request ({reason}); set the server's key"
+    if status is not None:
+        return f"{SECTION}.base_url: {root}/v1/models answered {reason}; expected a vLLM server"
+    return f"{SECTION}.base_url: no reward model server answers at {root} ({reason}); start it (docs/scoring.md) or fix the URL"
+
+
 class RewardServerScorer(JudgeScorer):
     """Scores with ``scoring.reward_server`` (a dict of that section) through the judge's request machinery."""
 
     kind = "reward_server"
     section = SECTION
 
-    def __init__(self, cfg: dict, cache_dir=None, max_failed_fraction: float = 0.0, seed: int = 0):
+    def __init__(self, cfg: dict, cache_dir: str | Path | None = None, max_failed_fraction: float = 0.0,
+                 seed: int = 0):
         cfg = {**cfg, "base_url": server_root(cfg["base_url"])}
         super().__init__(cfg, cache_dir=cache_dir, max_failed_fraction=max_failed_fraction, seed=seed)
         self.root = cfg["base_url"]
@@ -119,8 +130,8 @@ class RewardServerScorer(JudgeScorer):
             listing = client.get("/v1/models", cast_to=object)
         except openai.APIError as exc:
             _, reason, _ = describe_failure(exc, self.cfg["timeout"])
-            raise ScoringError(f"{SECTION}.base_url: no reward model server answers at {self.root} "
-                               f"({redact(reason, self.api_key)}); start it (docs/scoring.md) or fix the URL") from None
+            raise ScoringError(unreachable_message(self.root, redact(reason, self.api_key),
+                                                   getattr(exc, "status_code", None))) from None
         finally:
             client.close()
         return served_checkpoint(listing, self.cfg["model"], self.root)
