@@ -110,13 +110,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """The root URL of a vLLM server serving ``checkpoint`` as ``rm``; stopped after the module."""
+def server(request, tmp_path_factory):
+    """The root URL of a vLLM server serving the ``checkpoint`` fixture as ``rm``; stopped after the module."""
     if not VLLM_PYTHON.exists():
         message = f"{VLLM_PYTHON} is missing (make vllm)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    checkpoint = request.getfixturevalue("checkpoint")
     port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
