@@ -300,9 +300,10 @@ VLLM_STEPS = ("sample", "evaluate")
 
 
 def conda_env(step):
-    """The rule's conda env file (relative to rules/): vllm for sampling, judge for an API judge, else train."""
+    """The rule's conda env file (relative to rules/): vllm for sampling, judge for a served scorer
+    (an API judge or a reward model server), else train."""
     name = _CONDA_ENVS.get(step, "train")
-    if step == "score" and config["scoring"]["scorer"] == "judge":
+    if step == "score" and config["scoring"]["scorer"] in ("judge", "reward_server"):
         name = "judge"
     return f"../envs/{name}.yaml"
 

@@ -102,7 +102,8 @@ def test_scoring_config_mistakes_are_named(scoring, message):
         cfg.validate({"scoring": scoring})
 
 
-@pytest.mark.parametrize("name", ["reward-model-bt.yaml", "reward-model-armorm.yaml", "judge-openai.yaml"])
+@pytest.mark.parametrize("name", ["reward-model-bt.yaml", "reward-model-armorm.yaml", "judge-openai.yaml",
+                                  "reward-server.yaml"])
 def test_example_configs_validate(name):
     config = cfg.load(REPO / "configs" / name)
-    assert config["scoring"]["scorer"] in ("reward_model", "judge")
+    assert config["scoring"]["scorer"] in ("reward_model", "judge", "reward_server")

@@ -158,6 +158,8 @@ def _check_scoring(scoring: dict, source: str) -> None:
     kind = scoring["scorer"]
     if kind == "reward_model" and not scoring["reward_model"]["path"]:
         raise ConfigError(f"{source}: scoring.scorer='reward_model' needs scoring.reward_model.path, found null")
+    if kind == "reward_server" and not scoring["reward_server"]["model"]:
+        raise ConfigError(f"{source}: scoring.scorer='reward_server' needs scoring.reward_server.model, found null")
     if kind == "judge" and not scoring["judge"]["model"]:
         raise ConfigError(f"{source}: scoring.scorer='judge' needs scoring.judge.model, found null")
     if kind != "reward_model" and scoring["gpus"] > 0:

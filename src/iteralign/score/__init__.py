@@ -6,9 +6,10 @@ reason in ``errors``) and optionally one column per objective. A failed score is
 never turned into a number.
 
 Scorers (chosen by ``scorer`` in a section shaped like the config's ``scoring``):
-``python`` (score/python.py), ``reward_model`` (score/reward_model.py) and
-``judge`` (score/judge.py). The length penalty (score/penalty.py) and the
-failure budget are applied here, the same for every scorer.
+``python`` (score/python.py), ``reward_model`` (score/reward_model.py),
+``reward_server`` (score/reward_server.py) and ``judge`` (score/judge.py). The
+length penalty (score/penalty.py) and the failure budget are applied here, the
+same for every scorer.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class Scorer(Protocol):
 def build_scorer(config: dict, section: dict | None = None) -> Scorer:
     """The scorer a config's ``scoring`` section (or another section of that shape) names.
 
-    ``config`` is the whole validated config (the judge keeps its response cache under
-    the experiment's folder); ``section`` defaults to ``config["scoring"]``.
+    ``config`` is the whole validated config (the judge and the reward server keep their
+    response caches under the experiment's folder); ``section`` defaults to ``config["scoring"]``.
     """
     cfg = section if section is not None else config["scoring"]
     kind = cfg["scorer"]
@@ -61,7 +62,16 @@ def build_scorer(config: dict, section: dict | None = None) -> Scorer:
 
         cache_dir = experiment_dir(config) / "judge_cache" if cfg["judge"]["cache"] else None
         return JudgeScorer(cfg["judge"], cache_dir=cache_dir, max_failed_fraction=cfg["max_failed_fraction"])
-    raise ValueError(f"scoring.scorer: unknown scorer {kind!r}; expected python, reward_model or judge")
+    if kind == "reward_server":
+        from iteralign.config import experiment_dir
+        from iteralign.score.reward_server import RewardServerScorer
+
+        server = cfg["reward_server"]
+        cache_dir = experiment_dir(config) / "reward_server_cache" if server["cache"] else None
+        return RewardServerScorer(server, cache_dir=cache_dir, max_failed_fraction=cfg["max_failed_fraction"])
+    raise ValueError(
+        f"scoring.scorer: unknown scorer {kind!r}; expected python, reward_model, reward_server or judge"
+    )
 
 
 def rewards_frame(samples, result: ScoreResult, scorer_name: str, penalties=None):

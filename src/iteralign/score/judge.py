@@ -167,29 +167,42 @@ def reply_record(response) -> dict:
 
 # ---------------------------------------------------------------- the scorer
 class JudgeScorer:
-    """Scores with ``scoring.judge`` (a dict of that section)."""
+    """Scores with ``scoring.judge`` (a dict of that section).
+
+    Another served scorer reuses the request machinery (concurrency, retries, cache,
+    give-up) by overriding ``kind``, ``section``, :meth:`_request_params`,
+    :meth:`_send` and :meth:`_read`.
+    """
+
+    kind = "judge"
+    section = "scoring.judge"
 
     def __init__(self, cfg: dict, cache_dir: str | Path | None = None, max_failed_fraction: float = 0.0,
                  seed: int = 0):
         self.cfg = cfg
-        self.name = f"judge:{cfg['model']}@{cfg['base_url']}"
+        self.name = f"{self.kind}:{cfg['model']}@{cfg['base_url']}"
         self.api_key = self._api_key(cfg["api_key_env"])
         self.cache = ResponseCache(cache_dir)
         self.max_failed_fraction = max_failed_fraction
         self.rng = random.Random(seed)
-        self.params = {"temperature": cfg["temperature"], "top_p": cfg["top_p"], "max_tokens": cfg["max_tokens"]}
-        if cfg["seed"] is not None:
-            self.params["seed"] = cfg["seed"]
+        self.params = self._request_params(cfg)
 
     @staticmethod
-    def _api_key(env_name: str | None) -> str:
+    def _request_params(cfg: dict) -> dict:
+        """The request's parameters besides the messages (sent, and part of the cache key)."""
+        params = {"temperature": cfg["temperature"], "top_p": cfg["top_p"], "max_tokens": cfg["max_tokens"]}
+        if cfg["seed"] is not None:
+            params["seed"] = cfg["seed"]
+        return params
+
+    def _api_key(self, env_name: str | None) -> str:
         if env_name is None:
             return "not-needed"  # the client insists on a string; a local server ignores it
         key = os.environ.get(env_name)
         if not key:
             raise ValueError(
-                f"scoring.judge.api_key_env: environment variable {env_name} is not set; "
-                "export it with the judge's API key (or set api_key_env: null for a server without keys)"
+                f"{self.section}.api_key_env: environment variable {env_name} is not set; "
+                "export it with the server's API key (or set api_key_env: null for a server without keys)"
             )
         return key
 
@@ -219,7 +232,7 @@ class JudgeScorer:
         tasks = [asyncio.create_task(self._one(i, m, client)) for i, m in enumerate(messages)]
         failed = done = 0
         try:
-            with tqdm(total=n, desc="judge", unit="sample") as bar:
+            with tqdm(total=n, desc=self.kind, unit="sample") as bar:
                 for finished in asyncio.as_completed(tasks):
                     index, value, error = await finished
                     rewards[index], errors[index] = value, error
@@ -260,10 +273,19 @@ class JudgeScorer:
                 record = await asyncio.shield(self._pending[key])
             except RequestFailed as exc:
                 return index, math.nan, str(exc)
-        value, error = parse_score(record["content"], self.cfg["score_pattern"], self.cfg["score_range"])
+        value, error = self._read(record)
         if error is not None:
             self.usage["unparsable"] += 1
         return index, value, error
+
+    async def _send(self, messages: list[dict], client) -> dict:
+        """One chat-completions request; the reply as the cache keeps it."""
+        response = await client.chat.completions.create(model=self.cfg["model"], messages=messages, **self.params)
+        return reply_record(response)
+
+    def _read(self, record: dict) -> tuple[float, str | None]:
+        """(score, None) or (NaN, why) from a cached reply."""
+        return parse_score(record["content"], self.cfg["score_pattern"], self.cfg["score_range"])
 
     async def _fetch(self, key: str, messages: list[dict], client) -> dict:
         """One request with retries; the reply is cached as soon as it arrives."""
@@ -288,9 +310,7 @@ class JudgeScorer:
                 await asyncio.sleep(wait)
             self.usage["requests_sent"] += 1
             try:
-                response = await client.chat.completions.create(model=self.cfg["model"], messages=messages,
-                                                                **self.params)
-                return reply_record(response)
+                return await self._send(messages, client)
             except (openai.APIError, json.JSONDecodeError, MalformedReply) as exc:
                 retryable, reason, retry_after = describe_failure(exc, self.cfg["timeout"])
                 reason = redact(reason, self.api_key)
@@ -301,7 +321,7 @@ class JudgeScorer:
                 delay = min(retry_after, self.cfg["backoff_max"])
                 self._gate = max(self._gate, loop.time() + delay)
             self.usage["retries"] += 1
-            log.debug("judge attempt %d failed (%s); retrying in %.2fs", attempt, reason, delay)
+            log.debug("%s attempt %d failed (%s); retrying in %.2fs", self.kind, attempt, reason, delay)
             await asyncio.sleep(delay)
         self.usage["failed_requests"] += 1
         raise RequestFailed(f"{reason} (after {attempt} attempt{'s' if attempt > 1 else ''})")

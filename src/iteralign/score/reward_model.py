@@ -114,36 +114,41 @@ def pad_right(sequences: list[list[int]], pad_id: int, device):
 
 
 # ---------------------------------------------------------------- outputs
+LOGIT_INDEX = {"bradley_terry": 0, "two_class": 1}  # the logit a head reads as the reward
+
+
+def logit_head(configured: str, width: int | None, key: str = "scoring.reward_model.head") -> str:
+    """The head that reads a reward from ``width`` logits: ``configured``, or for ``auto`` by the width.
+
+    ``key`` names the config key in the error when the head does not fit the logits.
+    """
+    if configured == "auto":
+        if width in (1, 2):
+            return "bradley_terry" if width == 1 else "two_class"
+        raise ValueError(f"{key}=auto: the model gives {width} logits (and no `score`); cannot tell how to "
+                         f"read a reward. Set {key}")
+    expected_width = LOGIT_INDEX[configured] + 1
+    if width != expected_width:
+        raise ValueError(f"{key}={configured}: expected {expected_width} logit(s), the model gives {width}")
+    return configured
+
+
 def resolve_head(configured: str, output) -> str:
     """The head to read: ``configured``, or for ``auto`` what the output looks like."""
     has_score = getattr(output, "score", None) is not None
     logits = getattr(output, "logits", None)
     width = None if logits is None else logits.shape[-1]
-    if configured == "auto":
-        if has_score:
-            return "multi_objective"
-        if width in (1, 2):
-            return "bradley_terry" if width == 1 else "two_class"
-        raise ValueError(
-            f"scoring.reward_model.head=auto: the output has no `score` and {width} logits; cannot tell how "
-            "to read a reward. Set scoring.reward_model.head"
-        )
-    expected_width = {"bradley_terry": 1, "two_class": 2}.get(configured)
     if configured == "multi_objective" and not has_score:
         raise ValueError("scoring.reward_model.head=multi_objective: the model's output has no `score` field")
-    if expected_width is not None and width != expected_width:
-        raise ValueError(
-            f"scoring.reward_model.head={configured}: expected {expected_width} logit(s), the model gives {width}"
-        )
-    return configured
+    if configured == "multi_objective" or (configured == "auto" and has_score):
+        return "multi_objective"
+    return logit_head(configured, width)
 
 
 def read_output(output, head: str):
     """(reward ``[B]``, objectives ``[B, K]`` or None), float32 on CPU."""
-    if head == "bradley_terry":
-        return output.logits[:, 0].float().cpu(), None
-    if head == "two_class":
-        return output.logits[:, 1].float().cpu(), None
+    if head in LOGIT_INDEX:
+        return output.logits[:, LOGIT_INDEX[head]].float().cpu(), None
     score = output.score.float().cpu()
     if score.dim() == 2 and score.shape[-1] == 1:
         score = score[:, 0]
