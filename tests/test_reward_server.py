@@ -9,18 +9,13 @@ except under CI (environment variable CI set), where they fail.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 from conftest import micro_config, run_cli
+from served_models import free_port, request_counts, require_vllm, vllm_server
 
 from iteralign import config as cfg
 from iteralign.score import ScoringError, build_scorer
@@ -32,12 +27,9 @@ from iteralign.score.reward_server import (
     server_root,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SERVED_NAME = "rm"
 KEY_ENV = "ITERALIGN_TEST_RM_KEY"
 SECRET = "sk-rmserver-test-0123456789"  # the server's key (VLLM_API_KEY); the scorer reads it from KEY_ENV
-START_TIMEOUT_S = 900  # a busy 2-core machine needs several minutes to start vLLM
 # float32 on both sides; vLLM's CPU kernels sum in another order than torch's, which
 # moved these rewards (0.7 to 2.3) by at most 1.1e-6 on 64 samples (1.6e-5 on rewards
 # up to 8 of a 12.8M-parameter model). Equal: within 1e-5, absolute or relative.
@@ -52,12 +44,6 @@ OUTPUTS = [f"{3 * i}" if i % 2 else f"The answer is {3 * i}, I think." for i in 
 
 
 # ---------------------------------------------------------------- the server
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def build_checkpoint(path: Path) -> Path:
     """A one-label Llama classifier vLLM's CPU attention can run (head size 32), rewards spread over ~+-1."""
     import torch
@@ -75,35 +61,6 @@ def build_checkpoint(path: Path) -> Path:
     return path
 
 
-def get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
-        return reply.read().decode()
-
-
-def wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            get(f"{url}/health")
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(2)
-    pytest.fail(f"vLLM server not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop the server and its engine process (its own process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("rm") / "bt")
@@ -112,27 +69,11 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     """The root URL of a vLLM server serving the ``checkpoint`` fixture as ``rm``; stopped after the module."""
-    if not VLLM_PYTHON.exists():
-        message = f"{VLLM_PYTHON} is missing (make vllm)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    checkpoint = request.getfixturevalue("checkpoint")
-    port = free_port()
+    python = require_vllm()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
-               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
-               "--runner", "pooling", "--dtype", "float32", "--enforce-eager",
-               "--gpu-memory-utilization", "0.1", "--max-model-len", "512"]
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_API_KEY": SECRET}
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, url, log)
-        yield url
-    finally:
-        stop(process)
+    with vllm_server(python, request.getfixturevalue("checkpoint"), log, "--served-model-name", SERVED_NAME,
+                     "--runner", "pooling", env={"VLLM_API_KEY": SECRET}) as root:
+        yield root
 
 
 @pytest.fixture(autouse=True)
@@ -142,10 +83,9 @@ def server_key(monkeypatch):
 
 def requests_served(url: str) -> float:
     """vLLM's count of finished requests (vllm:request_success_total, all finish reasons)."""
-    lines = [line for line in get(f"{url}/metrics").splitlines()
-             if line.startswith("vllm:request_success_total{") and f'model_name="{SERVED_NAME}"' in line]
-    assert lines, "vllm:request_success_total is not in /metrics"
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+    counts = request_counts(url)
+    assert counts, "vllm:request_success_total is not in /metrics"
+    return sum(counts.values())
 
 
 def served_config(url: str, tmp_path: Path, **server) -> dict:
