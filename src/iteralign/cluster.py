@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 # SLURM's job identity and GPU grant; CUDA_VISIBLE_DEVICES is what torch and vLLM obey.
 JOB_VARIABLES = (
@@ -30,3 +31,16 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 def is_main_process() -> bool:
     """False in the non-zero ranks of an ``accelerate launch``ed step (they leave writing to rank 0)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def commands_beside_python_first(python: str, environ: dict | None = None) -> None:
+    """Put the folder of ``python`` first on PATH when the iteralign command is installed there.
+
+    The workflow calls this with the Python that runs Snakemake, so its rules run the
+    `iteralign` and `accelerate` of the same environment (.venv/bin/snakemake from any
+    shell). A rule's conda env (--sdm conda) is activated in front of it, and wins.
+    """
+    environ = os.environ if environ is None else environ
+    folder = Path(python).parent
+    if (folder / "iteralign").exists():
+        environ["PATH"] = f"{folder}{os.pathsep}{environ.get('PATH', '')}"

@@ -280,6 +280,18 @@ def plan_rounds(prompts: list[list[dict[str, str]]], config: dict):
     return frame
 
 
+def fewer_rounds_note(config: dict, rounds: int) -> str | None:
+    """One line saying that the prompts allow fewer rounds than ``rounds:`` asks (None when they do not)."""
+    if rounds >= config["rounds"]:
+        return None
+    cfg = config["prompts"]
+    return (
+        f"rounds: {config['rounds']} asked, but {cfg['source']} has training prompts for {rounds} "
+        f"(prompts.per_round {cfg['per_round']}, evaluation.num_prompts {config['evaluation']['num_prompts']} "
+        f"held out): the workflow has {rounds} round{'s' if rounds != 1 else ''}"
+    )
+
+
 def planned_rounds(config: dict) -> int:
     """Number of rounds this config plans (used by the Snakefile to build the DAG)."""
     return num_rounds(len(load_prompts(config)), config)
