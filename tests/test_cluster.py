@@ -6,7 +6,6 @@ checkpoint and a stub prompt file at the paths the configs name.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -14,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import yaml
 from conftest import REPO, micro_config, write_reward_module
@@ -25,13 +25,12 @@ JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
 
 
 def stub_workdir(root: Path) -> Path:
-    """The files the example configs point at: SFT and reward-model folders, 2304 prompts."""
+    """The files the example configs point at: SFT and reward-model folders, 2304 prompts saved by `datasets`."""
     for model in ("llama3-8b-sft", "ArmoRM-Llama3-8B-v0.1"):
         (root / "models" / model).mkdir(parents=True)
         (root / "models" / model / "config.json").write_text("{}")
-    (root / "data").mkdir()
-    lines = [json.dumps({"prompt": f"Question {i}: what is {i} squared?"}) for i in range(2304)]
-    (root / "data/prompts.jsonl").write_text("\n".join(lines) + "\n")
+    prompts = [f"Question {i}: what is {i} squared?" for i in range(2304)]
+    datasets.Dataset.from_dict({"prompt": prompts}).save_to_disk(root / "data/ultrafeedback-binarized")
     return root
 
 
