@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from iteralign import config as iteralign_config
-from iteralign.cluster import commands_beside_python_first
+from iteralign.cluster import commands_beside_python_first, gpu_shortfall_note, visible_gpus
 from iteralign.prompts import PromptError, fewer_rounds_note, planned_rounds
 
 
@@ -223,7 +223,9 @@ def launcher(step):
     training steps (sft, reference, train) pass the accelerate config of
     accelerate_config_file() (FSDP on several GPUs). A multi-node training job runs one
     launcher per node through srun, each with its node's rank and the main node's
-    address, read from SLURM when the task starts (multinode_launch_options()).
+    address, read from SLURM when the task starts (multinode_launch_options()). On one
+    node the launch goes through iteralign.cluster, which fits it to the GPUs visible
+    when the job starts (one process on CPU where there are none).
     """
     training_step = step in MULTINODE_STEPS
     processes = gpus(step)
@@ -232,7 +234,10 @@ def launcher(step):
     config_file = f"--config_file {accelerate_config_file()} " if training_step else ""
     command = (f"accelerate launch {config_file}{multinode_launch_options(step)}"
                f"--num_processes {processes} -m iteralign.cli")
-    return per_node(step, command)
+    if nodes(step) > 1:
+        return per_node(step, command)
+    # fitted to the GPUs the job sees when it starts (fewer than asked: said in its log)
+    return f"python -m iteralign.cluster --gpus {processes} -- {command}"
 
 
 def gpus(step):
@@ -319,6 +324,15 @@ def per_node(step, command):
     return f"srun --ntasks-per-node=1 bash -c 'exec {command} \"$@\"' iteralign"
 
 
+def say_gpu_shortfall():
+    """One console line when the config asks for more GPUs than this machine shows."""
+    asked = {step: gpus(step) for step in ("sample", "score", "reference", "train")}
+    if max(asked.values()) > 0:
+        note = gpu_shortfall_note(asked, visible_gpus())
+        if note:
+            print(f"iteralign: {note}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- environments
 # One conda env per kind of rule (--sdm conda on a cluster); `make demo` uses .venv.
 _CONDA_ENVS = {"sample": "vllm", "evaluate": "vllm"}
@@ -330,3 +344,6 @@ def conda_env(step):
     if step == "score" and config["scoring"]["scorer"] == "judge":
         name = "judge"
     return f"../envs/{name}.yaml"
+
+
+say_gpu_shortfall()

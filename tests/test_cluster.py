@@ -19,6 +19,8 @@ import yaml
 from conftest import REPO, micro_config, write_reward_module
 from test_workflow import BIN
 
+from iteralign.cluster import visible_gpus
+
 DPO = REPO / "configs/llama3-8b-dpo-online.yaml"
 KTO = REPO / "configs/llama3-8b-kto-online.yaml"
 JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
@@ -313,3 +315,73 @@ def test_slurm_extra_with_an_option_the_plugin_sets_is_refused_at_parse_time_nam
     assert result.returncode != 0
     assert "key resources.train.slurm_extra: found '--qos=high --exclusive'" in result.stderr
     assert "set resources.train.qos instead" in result.stderr
+
+
+# ---------------------------------------------------------------- GPUs asked for where none are visible
+LAUNCH = ["accelerate", "launch", "--config_file", "fsdp_8gpu.yaml", "--num_processes", "8", "-m", "iteralign.cli",
+          "train", "--round", "1"]
+
+
+@pytest.mark.parametrize(("visible", "expected", "note"), [
+    (8, LAUNCH, None),
+    (16, LAUNCH, None),
+    (4, [*LAUNCH[:5], "4", *LAUNCH[6:]], "iteralign train: 8 GPUs asked for, 4 visible here: running 4 processes"),
+    (1, ["py", "-m", "iteralign.cli", "train", "--round", "1"], "8 GPUs asked for, 1 visible here: running 1 process on the visible GPU"),
+    (0, ["py", "-m", "iteralign.cli", "train", "--round", "1"], "8 GPUs asked for, 0 visible here: running 1 process on CPU"),
+])
+def test_a_launch_is_fitted_to_the_visible_gpus_and_says_so(visible, expected, note):
+    from iteralign.cluster import fitted_command
+
+    command, said = fitted_command(LAUNCH, 8, visible, "py")
+    assert command == expected
+    assert said == note or (note and said.startswith("iteralign train: ") and note in said)
+
+
+STUB_ACCELERATE_CALLED = """#!/bin/bash
+echo "accelerate was called: $*" >&2
+exit 3
+"""
+
+
+NO_GPU = pytest.mark.skipif(visible_gpus() > 0, reason="needs a machine without GPUs")
+
+
+@NO_GPU
+def test_an_eight_gpu_step_on_a_machine_without_gpus_runs_in_one_process_and_says_so(tmp_path):
+    """The judge example's training asks 8 GPUs: here (no GPU) the step runs once, on CPU, with a line saying so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(STUB_ACCELERATE_CALLED)
+    (bin_dir / "accelerate").chmod(0o755)
+    config = tmp_path / "config.yaml"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(30)))
+    config.write_text(yaml.safe_dump({"prompts": {"source": str(prompts), "per_round": 10},
+                                      "evaluation": {"num_prompts": 5}, "training": {"gpus": 8}}))
+    plan = tmp_path / "prompts.parquet"
+    command = ["python", "-m", "iteralign.cluster", "--gpus", "8", "--", "accelerate", "launch", "--num_processes", "8",
+               "-m", "iteralign.cli", "plan", "--config", str(config), "--output", str(plan)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PATH": f"{bin_dir}:{BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert "accelerate was called" not in result.stderr
+    assert "iteralign plan: 8 GPUs asked for, 0 visible here: running 1 process on CPU" in result.stderr
+    assert plan.is_file()
+
+
+@NO_GPU
+def test_the_console_says_when_the_config_asks_more_gpus_than_the_machine_shows(stubs):
+    judge = REPO / "configs/judge-openai.yaml"
+    raw = yaml.safe_load(judge.read_text())
+    raw["prompts"]["source"] = "data/ultrafeedback-binarized"
+    raw["policy"]["sft_checkpoint"] = "models/llama3-8b-sft"
+    config = stubs / "judge.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
+                             "--configfile", str(config), "-n"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if line.startswith("iteralign: GPUs asked for")]
+    assert said == ["iteralign: GPUs asked for (sample 1, reference 8, train 8), 0 visible on this machine: jobs run "
+                    "here use what it has (several processes only where several GPUs are visible); jobs submitted "
+                    "to a cluster get what they ask for"]

@@ -15,6 +15,7 @@ from conftest import REPO, micro_config, write_reward_module
 from test_workflow import BIN
 
 from iteralign.artifacts import read_sidecar
+from iteralign.cluster import visible_gpus
 from iteralign.console import round_line
 
 pytestmark = pytest.mark.workflow
@@ -42,9 +43,10 @@ def venv_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A one-round micro run (the prompts allow 1 of the 3 rounds asked) from a shell without the venv."""
+    """A one-round micro run (the prompts allow 1 of the 3 rounds asked) from a shell without the venv;
+    training asks for 2 GPUs, which this machine does not have."""
     workdir = micro_workdir(tmp_path_factory.mktemp("console") / "w", rounds=3,
-                            prompts={"num_generated": 24, "per_round": 12})
+                            prompts={"num_generated": 24, "per_round": 12}, training={"gpus": 2})
     result = venv_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
@@ -97,3 +99,13 @@ def test_round_zero_has_no_win_rates_and_round_one_no_second_comparison():
     line = round_line(evaluation, {"pairs": 8, "prompts": 10, "prompts_kept": 8})
     assert line == ("round 1: reward 0.250 [0.200, 0.300] | win rate vs r0 0.50 [0.500, 0.700] | KL 0.100 | "
                     "8 pairs kept from 8 prompts (2 dropped)")
+
+
+@pytest.mark.skipif(visible_gpus() > 0, reason="needs a machine without GPUs")
+def test_training_that_asks_for_gpus_runs_in_one_cpu_process_here_and_says_so(console):
+    workdir, result = console
+    assert "iteralign: GPUs asked for (reference 2, train 2), 0 visible on this machine" in result.stderr
+    for step in ("reference", "train"):
+        log = (workdir / f"logs/micro/{step}_r1.log").read_text()
+        assert f"iteralign {step}: 2 GPUs asked for, 0 visible here: running 1 process on CPU" in log
+    assert "python -m iteralign.cluster --gpus 2 -- accelerate launch" in result.stdout + result.stderr
