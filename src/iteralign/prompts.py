@@ -116,14 +116,12 @@ def _records_file(path: Path) -> list:
 
         return pd.read_parquet(path).to_dict("records")
     if suffix == ".jsonl":
-        rows = []
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise PromptError(f"{path}: line {line_no} is not valid JSON ({exc})") from None
-        return rows
+        from iteralign.artifacts import read_jsonl
+
+        try:
+            return read_jsonl(path)
+        except ValueError as exc:  # a line that is not JSON, named
+            raise PromptError(str(exc)) from None
     rows = json.loads(path.read_text())
     if not isinstance(rows, list):
         raise PromptError(f"{path}: expected a JSON array of records, found {type(rows).__name__}")
