@@ -371,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    if args.step not in ("show", "round-summary") and not (args.step == "audit" and args.output is None):
-        # not for a person's query, nor for the console's round lines
+    if args.step != "show" and not (args.step == "audit" and args.output is None):  # not for a person's query
         _log_job_environment(args.step)
     try:
         status = args.func(args)
