@@ -154,6 +154,21 @@ def test_a_folder_not_written_by_datasets_is_named(tmp_path):
     assert_one_line(error, str(tmp_path / "notes"), "save_to_disk")
 
 
+def test_a_split_that_a_single_saved_dataset_is_not_is_refused(tmp_path):
+    datasets.Dataset.from_dict({"prompt": QUESTIONS}, split="train").save_to_disk(tmp_path / "ds")
+    assert len(load_prompts(make_config(tmp_path / "ds", split="train"))) == len(QUESTIONS)
+    with pytest.raises(PromptError) as error:
+        load_prompts(make_config(tmp_path / "ds", split="test"))
+    assert_one_line(error, str(tmp_path / "ds"), "single Dataset of split 'train'", "prompts.split='test'")
+
+
+def test_a_damaged_arrow_file_is_named_in_one_line(tmp_path):
+    (tmp_path / "broken.arrow").write_bytes(b"ARROW1\n\x00\x01 not really")
+    with pytest.raises(PromptError) as error:
+        load_prompts(make_config(tmp_path / "broken.arrow"))
+    assert_one_line(error, f"prompt source {tmp_path / 'broken.arrow'} could not be read: ")
+
+
 def test_snakemake_plans_from_a_dataset_folder(tmp_path):
     """The folder is the plan rule's input: a dry run lists the rounds, the plan job reads the folder."""
     datasets.Dataset.from_dict({"prompt": QUESTIONS * 2 + [f"Extra {i}?" for i in range(24)]}).save_to_disk(

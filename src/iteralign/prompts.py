@@ -205,7 +205,8 @@ def read_source_rows(source: str, field: str, split: str | None = None) -> list[
     except PromptError:
         raise
     except Exception as exc:  # a corrupt file: name it
-        raise PromptError(f"prompt source {path} could not be read: {type(exc).__name__}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line, whatever the reader said
+        raise PromptError(f"prompt source {path} could not be read: {type(exc).__name__}: {reason}") from exc
     out = []
     for i, row in enumerate(rows):
         where = f"{path} row {i}" if suffix != ".jsonl" else f"{path} record {i}"
