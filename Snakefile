@@ -4,7 +4,7 @@
 #   snakemake --profile profiles/slurm --configfile my.yaml   # an experiment on a cluster
 import sys
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -19,10 +19,11 @@ if not workflow.config_settings.configfiles:
 # Parse-time helpers come from this checkout's package source (the rules run the
 # installed `iteralign` command: make install).
 sys.path.insert(0, f"{workflow.basedir}/src")
-from iteralign.config import coerce_numbers
+from iteralign.config import validate_workflow_config
 
-coerce_numbers(config)  # YAML 1.1 reads `lr: 5e-7` as text
-validate(config, "schemas/config.schema.yaml")
+# Validated once, against schemas/config.schema.yaml, defaults filled in; a bad key is
+# one line naming it (Snakemake's validate() would print the whole schema).
+config.update(validate_workflow_config(config, workflow.config_settings.configfiles))
 
 
 report: "report/workflow.rst"
@@ -44,6 +45,7 @@ include: "rules/evaluate.smk"
 include: "rules/audit.smk"
 include: "rules/retention.smk"
 include: "rules/report.smk"
+include: "rules/console.smk"
 
 
 rule all:

@@ -6,15 +6,16 @@ import sys
 from pathlib import Path
 
 from iteralign import config as iteralign_config
-from iteralign.prompts import planned_rounds
+from iteralign.cluster import commands_beside_python_first, gpu_shortfall_note, visible_gpus
+from iteralign.prompts import PromptError, fewer_rounds_note, planned_rounds
 
-
-config.update(iteralign_config.validate(config, source="workflow config"))
 
 EXP = iteralign_config.experiment_dir(config)
 LOGS = Path("logs") / config["experiment"]
 BENCH = Path("benchmarks") / config["experiment"]
-ROUNDS = planned_rounds(config)
+ROUNDS = iteralign_config.exit_on_input_error(planned_rounds, config, errors=(PromptError,))
+if fewer_rounds_note(config, ROUNDS):
+    print(f"iteralign: {fewer_rounds_note(config, ROUNDS)}", file=sys.stderr)
 TRAIN_ROUNDS = list(range(1, ROUNDS + 1))
 
 
@@ -44,6 +45,9 @@ def _resolved_config_file():
     return str(path)
 
 
+# Rules call `iteralign` (and `accelerate`): those beside the Python that runs Snakemake come
+# first, so `.venv/bin/snakemake` works from a shell without .venv/bin on its PATH.
+commands_beside_python_first(sys.executable)
 os.environ.setdefault("ITERALIGN_GIT_COMMIT", _git_commit())
 # envs/install-iteralign.sh (the post-deploy script of every conda env) installs the package from here.
 os.environ.setdefault("ITERALIGN_SOURCE", str(workflow.basedir))
@@ -156,15 +160,29 @@ def train_reference(wildcards):
     return [result(f"reflogps_r{m}.parquet") for m in rounds]
 
 
+def round_feedback(wildcards):
+    """feedback_r{n}.json of a trained round (its sidecar counts what was kept); none for round 0."""
+    return [] if int(wildcards.n) == 0 else [result(f"feedback_r{wildcards.n}.json")]
+
+
 def final_targets():
-    return expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv"), result("report.html")]
+    return (expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)) + [result("audit.tsv"), result("report.html")]
+            + expand(log_file("round_r{n}.txt"), n=range(ROUNDS + 1)))
+
+
+def print_audit_table():
+    """The audit table of the experiment on the console (after a successful run that made audit.tsv)."""
+    if Path(result("audit.tsv")).exists():
+        from iteralign.audit import audit_rows, format_table
+
+        print(f"\n{EXP}:\n{format_table(audit_rows(EXP, BENCH))}\n", flush=True)
 
 
 # ---------------------------------------------------------------- resources
 # Optional keys (None) are left out of a job's resources, so a profile's
 # default-resources still apply to them.
 _RESOURCE_DEFAULTS = {"mem_mb": 8000, "runtime": 120, "threads": 1, "cpus_per_gpu": None, "gpu_model": None,
-                      "partition": None, "account": None, "slurm_extra": None}
+                      "partition": None, "account": None, "qos": None, "constraint": None, "slurm_extra": None}
 
 
 def resource(step, key):
@@ -205,7 +223,9 @@ def launcher(step):
     training steps (sft, reference, train) pass the accelerate config of
     accelerate_config_file() (FSDP on several GPUs). A multi-node training job runs one
     launcher per node through srun, each with its node's rank and the main node's
-    address, read from SLURM when the task starts (multinode_launch_options()).
+    address, read from SLURM when the task starts (multinode_launch_options()). On one
+    node the launch goes through iteralign.cluster, which fits it to the GPUs visible
+    when the job starts (one process on CPU where there are none).
     """
     training_step = step in MULTINODE_STEPS
     processes = gpus(step)
@@ -214,7 +234,10 @@ def launcher(step):
     config_file = f"--config_file {accelerate_config_file()} " if training_step else ""
     command = (f"accelerate launch {config_file}{multinode_launch_options(step)}"
                f"--num_processes {processes} -m iteralign.cli")
-    return per_node(step, command)
+    if nodes(step) > 1:
+        return per_node(step, command)
+    # fitted to the GPUs the job sees when it starts (fewer than asked: said in its log)
+    return f"python -m iteralign.cluster --gpus {processes} -- {command}"
 
 
 def gpus(step):
@@ -233,24 +256,35 @@ def gpus(step):
 def job_resources(step):
     """Scheduler resources of a step's jobs, every value from the config (docs/cluster.md).
 
-    gpu, cpus_per_gpu, gpu_model, mem_mb, runtime, slurm_partition, slurm_account
-    and slurm_extra are what snakemake-executor-plugin-slurm reads; multi-node
-    steps add nodes, tasks and mpi. Partition and account fall back to
-    $SBATCH_PARTITION / $SBATCH_ACCOUNT. Unset keys are left out.
+    Each is a resource snakemake-executor-plugin-slurm reads: GPUs (gpu_request()),
+    cpus_per_gpu, mem_mb, runtime, slurm_partition, slurm_account, qos, constraint
+    and slurm_extra; multi-node steps add nodes, tasks and mpi. Partition and
+    account fall back to $SBATCH_PARTITION / $SBATCH_ACCOUNT. Unset keys are left out.
     """
     count = gpus(step)
     values = {
-        "gpu": count,
+        **gpu_request(step),
         "cpus_per_gpu": resource(step, "cpus_per_gpu") if count else None,
-        "gpu_model": resource(step, "gpu_model") if count else None,
         "mem_mb": resource(step, "mem_mb"),
         "runtime": resource(step, "runtime"),
         "slurm_partition": resource(step, "partition") or os.environ.get("SBATCH_PARTITION"),
         "slurm_account": resource(step, "account") or os.environ.get("SBATCH_ACCOUNT"),
+        "qos": resource(step, "qos"),
+        "constraint": resource(step, "constraint"),
         "slurm_extra": resource(step, "slurm_extra"),
+        **multinode_resources(step),
     }
-    values.update(multinode_resources(step, values["slurm_extra"]))
     return {key: value for key, value in values.items() if value is not None}
+
+
+def gpu_request(step):
+    """How a step asks for its GPUs, once: `gpu` (sbatch --gpus=[model:]n) for a one-node job;
+    `gres: gpu[:model]:<training.gpus>` (GPUs per node) for a multi-node job, with no total beside it."""
+    count, model = gpus(step), resource(step, "gpu_model")
+    if nodes(step) > 1:
+        per_node = config["training"]["gpus"]
+        return {"gres": f"gpu:{model}:{per_node}" if model else f"gpu:{per_node}"}
+    return {"gpu": count, "gpu_model": model if count else None}
 
 
 # ---------------------------------------------------------------- multi-node training (issue 5)
@@ -265,14 +299,12 @@ def nodes(step):
     return config["training"]["nodes"] if step in MULTINODE_STEPS else 1
 
 
-def multinode_resources(step, slurm_extra):
-    """nodes, one task per node, `mpi: srun`, and the GPUs spread evenly over the nodes."""
+def multinode_resources(step):
+    """nodes, one task per node and `mpi: srun` (the GPUs per node: gpu_request())."""
     count = nodes(step)
     if count <= 1:
         return {}
-    per_node_gpus = f"--gpus-per-node={config['training']['gpus']}"
-    return {"nodes": count, "tasks": count, "mpi": "srun",
-            "slurm_extra": f"{slurm_extra} {per_node_gpus}" if slurm_extra else per_node_gpus}
+    return {"nodes": count, "tasks": count, "mpi": "srun"}
 
 
 def multinode_launch_options(step):
@@ -290,6 +322,15 @@ def per_node(step, command):
     if nodes(step) <= 1:
         return command
     return f"srun --ntasks-per-node=1 bash -c 'exec {command} \"$@\"' iteralign"
+
+
+def say_gpu_shortfall():
+    """One console line when the config asks for more GPUs than this machine shows."""
+    asked = {step: gpus(step) for step in ("sample", "score", "reference", "train")}
+    if max(asked.values()) > 0:
+        note = gpu_shortfall_note(asked, visible_gpus())
+        if note:
+            print(f"iteralign: {note}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- environments
@@ -328,6 +369,13 @@ def iteralign_command(step):
     return f"{vllm_python()} -m iteralign.cli" if uses_vllm_environment(step) else "iteralign"
 
 
-if uses_vllm_environment("sample") and not Path(vllm_python()).is_file():
-    raise ValueError(f"sampling.backend is 'vllm' but the vLLM environment's Python {vllm_python()} does not "
-                     "exist: build it with `make vllm`, set sampling.vllm_python, or use --sdm conda")
+def check_vllm_environment():
+    if uses_vllm_environment("sample") and not Path(vllm_python()).is_file():
+        raise ValueError(f"sampling.backend is 'vllm' but the vLLM environment's Python {vllm_python()} does not "
+                         "exist: build it with `make vllm`, set sampling.vllm_python, or use --sdm conda")
+
+
+iteralign_config.exit_on_input_error(check_vllm_environment)
+
+
+say_gpu_shortfall()

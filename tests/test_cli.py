@@ -18,7 +18,7 @@ def test_config_typo_fails_naming_the_key(tmp_path):
     result = run_cli("plan", "--config", write_config(tmp_path, config), "--output", str(tmp_path / "p.parquet"),
                      check=False)
     assert result.returncode == 2
-    assert "key feedback: Additional properties are not allowed ('pairwse' was unexpected)" in result.stderr
+    assert "key feedback.pairwse: unknown (Additional properties are not allowed ('pairwse' was unexpected))" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "p.parquet").exists()
 

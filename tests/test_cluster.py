@@ -6,17 +6,20 @@ checkpoint and a stub prompt file at the paths the configs name.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import datasets
 import pytest
 import yaml
 from conftest import REPO, micro_config, write_reward_module
 from test_workflow import BIN
+
+from iteralign.cluster import visible_gpus
 
 DPO = REPO / "configs/llama3-8b-dpo-online.yaml"
 KTO = REPO / "configs/llama3-8b-kto-online.yaml"
@@ -24,13 +27,12 @@ JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
 
 
 def stub_workdir(root: Path) -> Path:
-    """The files the example configs point at: SFT and reward-model folders, 2304 prompts."""
+    """The files the example configs point at: SFT and reward-model folders, 2304 prompts saved by `datasets`."""
     for model in ("llama3-8b-sft", "ArmoRM-Llama3-8B-v0.1"):
         (root / "models" / model).mkdir(parents=True)
         (root / "models" / model / "config.json").write_text("{}")
-    (root / "data").mkdir()
-    lines = [json.dumps({"prompt": f"Question {i}: what is {i} squared?"}) for i in range(2304)]
-    (root / "data/prompts.jsonl").write_text("\n".join(lines) + "\n")
+    prompts = [f"Question {i}: what is {i} squared?" for i in range(2304)]
+    datasets.Dataset.from_dict({"prompt": prompts}).save_to_disk(root / "data/ultrafeedback-binarized")
     return root
 
 
@@ -43,10 +45,10 @@ def variant(config_file: Path, target: Path, **changes: dict) -> Path:
     return target
 
 
-def dry_run(workdir: Path, config_file: Path, env: dict | None = None) -> list[dict]:
+def dry_run(workdir: Path, config_file: Path, env: dict | None = None, *options: str) -> list[dict]:
     """The jobs `snakemake -n -p` plans: rule, resources (as printed) and shell command."""
     command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-               str(config_file), "-n", "-p"]
+               str(config_file), "-n", "-p", *options]
     run_env = {**(env or os.environ), "PATH": f"{BIN}:{os.environ['PATH']}"}
     result = subprocess.run(command, capture_output=True, text=True, env=run_env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,7 +85,7 @@ def planned(stubs) -> dict[str, list[dict]]:
 
 
 EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4, "reference": 4, "train": 4,
-                "evaluate": 5, "prune_checkpoint": 3, "audit": 1, "report": 1, "all": 1}
+                "evaluate": 5, "prune_checkpoint": 3, "round_summary": 5, "audit": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("example", ["dpo", "kto"])
@@ -97,7 +99,7 @@ def test_example_config_gives_training_four_gpus_and_sampling_and_scoring_one(pl
     assert gpus_by_rule(planned[example]) == {
         "link_sft": {"none"}, "plan": {"0"}, "sample": {"1"}, "score": {"1"}, "feedback": {"0"},
         "reference": {"4"}, "train": {"4"}, "evaluate": {"1"}, "prune_checkpoint": {"none"}, "audit": {"none"},
-        "report": {"none"},
+        "report": {"none"}, "round_summary": {"none"},
     }
 
 
@@ -147,8 +149,9 @@ def two_node_jobs(stubs, tmp_path_factory) -> list[dict]:
 
 def test_two_node_training_asks_two_nodes_one_task_each_and_four_gpus_per_node(two_node_jobs):
     train = next(job["resources"] for job in two_node_jobs if job["rule"] == "train")
-    assert {k: train[k] for k in ("gpu", "nodes", "tasks", "mpi", "slurm_extra")} == {
-        "gpu": "8", "nodes": "2", "tasks": "2", "mpi": "srun", "slurm_extra": "--gpus-per-node=4"}
+    assert {k: train[k] for k in ("gres", "nodes", "tasks", "mpi")} == {
+        "gres": "gpu:4", "nodes": "2", "tasks": "2", "mpi": "srun"}
+    assert "gpu" not in train and "slurm_extra" not in train  # the GPUs are asked for once, per node
     sample = next(job["resources"] for job in two_node_jobs if job["rule"] == "sample")
     assert sample["gpu"] == "1" and "nodes" not in sample and "mpi" not in sample
 
@@ -208,3 +211,177 @@ def test_lint_is_clean_with_a_conda_env_for_every_rule(stubs, config_file):
                              "--configfile", str(config_file), "--lint"], capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- what the SLURM plugin submits
+class PluginResources(dict):
+    """A job's resources as the plugin reads them: .get(name) and attribute access."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def plugin_job(job: dict, threads: int) -> SimpleNamespace:
+    """A dry-run job as the SLURM plugin's submit-string functions read it (numbers as numbers)."""
+    resources = PluginResources({key: int(value) if value.isdigit() else value
+                                 for key, value in job["resources"].items()})
+    return SimpleNamespace(name=job["rule"], threads=threads, resources=resources)
+
+
+def sbatch_call(job: dict, threads: int = 4) -> str:
+    """What snakemake-executor-plugin-slurm submits for a job, from its own functions: slurm_extra validation,
+    the partition argument, the submit command and the GPU (gres) string."""
+    from snakemake_executor_plugin_slurm import Executor
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    submitted = plugin_job(job, threads)
+    validate_slurm_extra(submitted)
+    assert submitted.resources.get("slurm_partition"), "a partition is set, so the plugin asks no cluster for one"
+    partition = Executor.get_partition_arg(SimpleNamespace(_partitions=None), submitted)
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": f"rule_{job['rule']}", "account": "",
+              "partition": partition, "workdir": "/w"}
+    return get_submit_command(submitted, params) + set_gres_string(submitted)
+
+
+def docs_resources() -> dict:
+    """The `resources:` example of docs/cluster.md."""
+    block = re.search(r"```yaml\n(resources:\n.*?)```", (REPO / "docs/cluster.md").read_text(), re.S)
+    assert block, "docs/cluster.md shows a resources example"
+    return yaml.safe_load(block.group(1))["resources"]
+
+
+@pytest.fixture(scope="module")
+def submitted(stubs, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """sbatch calls of the DPO example on one node and on two, with the resources of docs/cluster.md, by rule."""
+    folder = tmp_path_factory.mktemp("submit")
+    calls = {}
+    for name, nodes in (("one_node", 1), ("two_nodes", 2)):
+        config = variant(DPO, folder / f"{name}.yaml", training={"nodes": nodes})
+        raw = yaml.safe_load(config.read_text())
+        raw["resources"] = docs_resources()
+        config.write_text(yaml.safe_dump(raw))
+        jobs = dry_run(stubs, config, None, "--profile", str(REPO / "profiles/slurm"))
+        calls[name] = {job["rule"]: sbatch_call(job) for job in jobs
+                       if job["rule"] in ("plan", "sample", "score", "feedback", "reference", "train", "evaluate")}
+    return calls
+
+
+GPU_FLAGS = re.compile(r"--gpus[=\s]\S+|--gres[=\s]\S+|--gpus-per-node[=\s]\S+|--ntasks-per-gpu[=\s]\S+")
+
+
+@pytest.mark.parametrize(("layout", "rule", "gpu_flags"), [
+    ("one_node", "plan", []), ("one_node", "feedback", []),
+    ("one_node", "sample", ["--gpus=1"]), ("one_node", "evaluate", ["--gpus=1"]), ("one_node", "score", ["--gpus=1"]),
+    ("one_node", "reference", ["--gpus=4"]), ("one_node", "train", ["--gpus=a100:4"]),
+    ("two_nodes", "reference", ["--gres=gpu:4"]), ("two_nodes", "train", ["--gres=gpu:a100:4"]),
+])
+def test_each_rule_kind_asks_the_slurm_plugin_for_exactly_its_gpus_once(submitted, layout, rule, gpu_flags):
+    call = submitted[layout][rule]
+    assert GPU_FLAGS.findall(call) == gpu_flags, call
+    if rule == "train":  # resources.train.cpus_per_gpu; the others' threads
+        assert "--cpus-per-gpu=8" in call and "--cpus-per-task" not in call, call
+    else:
+        assert "--cpus-per-task=4" in call and "--cpus-per-gpu" not in call, call
+    if not gpu_flags:
+        assert "--ntasks=1" in call, call
+
+
+def test_two_node_jobs_ask_two_nodes_one_task_each(submitted):
+    for rule in ("reference", "train"):
+        call = submitted["two_nodes"][rule]
+        assert " --nodes=2" in call and " --ntasks=2" in call, call
+    assert "--nodes" not in submitted["one_node"]["train"] and "--nodes" not in submitted["two_nodes"]["sample"]
+
+
+def test_qos_constraint_and_partition_come_from_the_config_per_rule(submitted):
+    assert any("slurm_extra" in values for values in docs_resources().values())
+    train, sample, feedback = (submitted["one_node"][rule] for rule in ("train", "sample", "feedback"))
+    assert " --qos=high" in train and " -C 'a100&ib'" in train and " -p gpu" in train, train
+    assert " --exclusive" in train and " -A my-lab" not in train, train  # the account: get_account_arg, not here
+    assert " --qos" not in sample and " -C " not in sample and " --exclusive" not in sample, sample
+    assert " -p gpu" in sample and " -p cpu" in feedback, feedback
+
+
+def test_slurm_extra_with_an_option_the_plugin_sets_is_refused_at_parse_time_naming_the_key(stubs, tmp_path):
+    config = variant(DPO, tmp_path / "extra.yaml", resources={"train": {"slurm_extra": "--qos=high --exclusive"}})
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
+                             "--configfile", str(config), "-n"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert result.returncode != 0
+    assert "key resources.train.slurm_extra: found '--qos=high --exclusive'" in result.stderr
+    assert "set resources.train.qos instead" in result.stderr
+
+
+# ---------------------------------------------------------------- GPUs asked for where none are visible
+LAUNCH = ["accelerate", "launch", "--config_file", "fsdp_8gpu.yaml", "--num_processes", "8", "-m", "iteralign.cli",
+          "train", "--round", "1"]
+
+
+@pytest.mark.parametrize(("visible", "expected", "note"), [
+    (8, LAUNCH, None),
+    (16, LAUNCH, None),
+    (4, [*LAUNCH[:5], "4", *LAUNCH[6:]], "iteralign train: 8 GPUs asked for, 4 visible here: running 4 processes"),
+    (1, ["py", "-m", "iteralign.cli", "train", "--round", "1"], "8 GPUs asked for, 1 visible here: running 1 process on the visible GPU"),
+    (0, ["py", "-m", "iteralign.cli", "train", "--round", "1"], "8 GPUs asked for, 0 visible here: running 1 process on CPU"),
+])
+def test_a_launch_is_fitted_to_the_visible_gpus_and_says_so(visible, expected, note):
+    from iteralign.cluster import fitted_command
+
+    command, said = fitted_command(LAUNCH, 8, visible, "py")
+    assert command == expected
+    assert said == note or (note and said.startswith("iteralign train: ") and note in said)
+
+
+STUB_ACCELERATE_CALLED = """#!/bin/bash
+echo "accelerate was called: $*" >&2
+exit 3
+"""
+
+
+NO_GPU = pytest.mark.skipif(visible_gpus() > 0, reason="needs a machine without GPUs")
+
+
+@NO_GPU
+def test_an_eight_gpu_step_on_a_machine_without_gpus_runs_in_one_process_and_says_so(tmp_path):
+    """The judge example's training asks 8 GPUs: here (no GPU) the step runs once, on CPU, with a line saying so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(STUB_ACCELERATE_CALLED)
+    (bin_dir / "accelerate").chmod(0o755)
+    config = tmp_path / "config.yaml"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "question {i}"}}\n' for i in range(30)))
+    config.write_text(yaml.safe_dump({"prompts": {"source": str(prompts), "per_round": 10},
+                                      "evaluation": {"num_prompts": 5}, "training": {"gpus": 8}}))
+    plan = tmp_path / "prompts.parquet"
+    command = ["python", "-m", "iteralign.cluster", "--gpus", "8", "--", "accelerate", "launch", "--num_processes", "8",
+               "-m", "iteralign.cli", "plan", "--config", str(config), "--output", str(plan)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PATH": f"{bin_dir}:{BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    assert "accelerate was called" not in result.stderr
+    assert "iteralign plan: 8 GPUs asked for, 0 visible here: running 1 process on CPU" in result.stderr
+    assert plan.is_file()
+
+
+@NO_GPU
+def test_the_console_says_when_the_config_asks_more_gpus_than_the_machine_shows(stubs):
+    judge = REPO / "configs/judge-openai.yaml"
+    raw = yaml.safe_load(judge.read_text())
+    raw["prompts"]["source"] = "data/ultrafeedback-binarized"
+    raw["policy"]["sft_checkpoint"] = "models/llama3-8b-sft"
+    config = stubs / "judge.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
+                             "--configfile", str(config), "-n"], capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = [line for line in result.stderr.splitlines() if line.startswith("iteralign: GPUs asked for")]
+    assert said == ["iteralign: GPUs asked for (sample 1, reference 8, train 8), 0 visible on this machine: jobs run "
+                    "here use what it has (several processes only where several GPUs are visible); jobs submitted "
+                    "to a cluster get what they ask for"]

@@ -85,10 +85,10 @@ def test_message_lists_are_read_from_parquet(tmp_path):
 
 @pytest.mark.parametrize(("record", "message"), [
     ({"text": "hi"}, r"p.jsonl record 1: field 'prompt' is missing \(prompts.field\)"),
-    ({"prompt": ""}, r"p.jsonl record 1: prompt is an empty string"),
-    ({"prompt": None}, r"p.jsonl record 1: prompt is missing \(null\)"),
-    ({"prompt": [{"role": "user", "content": "  "}]}, r"record 1: message 0 has empty or non-text content"),
-    ({"prompt": [{"role": "robot", "content": "x"}]}, r"record 1: message 0 has role 'robot'"),
+    ({"prompt": ""}, r"p.jsonl record 1, field 'prompt': prompt is an empty string"),
+    ({"prompt": None}, r"p.jsonl record 1, field 'prompt': prompt is missing \(null\)"),
+    ({"prompt": [{"role": "user", "content": "  "}]}, r"record 1, field 'prompt': message 0 has empty or non-text content"),
+    ({"prompt": [{"role": "robot", "content": "x"}]}, r"record 1, field 'prompt': message 0 has role 'robot'"),
 ])
 def test_bad_prompt_rows_are_named(tmp_path, record, message):
     path = tmp_path / "p.jsonl"
@@ -105,5 +105,5 @@ def test_missing_source_file_is_named(tmp_path):
 def test_nan_prompt_in_parquet_is_named(tmp_path):
     path = tmp_path / "p.parquet"
     pd.DataFrame({"prompt": ["ok", math.nan]}).to_parquet(path)
-    with pytest.raises(PromptError, match=r"p.parquet row 1: prompt is missing"):
+    with pytest.raises(PromptError, match=r"p.parquet row 1, field 'prompt': prompt is missing"):
         load_prompts(make_config(source=str(path)))

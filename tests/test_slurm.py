@@ -29,7 +29,7 @@ PARTITION = "iteralign"
 # runs no model, so the config refuses scoring.gpus > 0 for it).
 DECLARED_GPUS = {"plan": 0, "sft": 1, "sample": 2, "score": 0, "feedback": 0, "reference": 1, "train": 1,
                  "evaluate": 2}
-LOCAL_RULES = {"audit", "report", "prune_checkpoint"}
+LOCAL_RULES = {"audit", "report", "prune_checkpoint", "round_summary"}
 GRANT = re.compile(r"job environment (\{.*\})")
 
 

@@ -56,6 +56,7 @@ def test_one_gpu_or_cpu_runs_iteralign_directly_and_several_gpus_use_fsdp(tmp_pa
     cpu = dry_run(tmp_path / "cpu")
     assert all(c.startswith("iteralign train ") for c in cpu["train"])
     gpus = dry_run(tmp_path / "gpus", training={"gpus": 8})
-    assert all(c.startswith(f"accelerate launch --config_file {REPO}/configs/accelerate/fsdp_8gpu.yaml "
-                            "--num_processes 8 -m iteralign.cli reference ")
+    # through iteralign.cluster, which fits the launch to the GPUs visible when the job starts
+    assert all(c.startswith("python -m iteralign.cluster --gpus 8 -- accelerate launch --config_file "
+                            f"{REPO}/configs/accelerate/fsdp_8gpu.yaml --num_processes 8 -m iteralign.cli reference ")
                for c in gpus["reference"])

@@ -273,6 +273,16 @@ def cmd_show(args) -> None:
     print(show(args.path, n=args.n, start=args.start, prompt_id=args.prompt_id))
 
 
+def cmd_round_summary(args) -> None:
+    from iteralign.artifacts import atomic_path
+    from iteralign.console import round_summary
+
+    line = round_summary(args.evaluation, args.feedback)
+    print(line, flush=True)
+    with atomic_path(Path(args.output)) as tmp:
+        tmp.write_text(line + "\n")
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iteralign", description=__doc__.splitlines()[0])
@@ -344,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="results/<experiment>")
     p.add_argument("--output", required=True, help="report.html")
     p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
+    p = sub.add_parser("round-summary", help="print one line per evaluated round: reward, win rates, KL, feedback")
+    p.set_defaults(func=cmd_round_summary)
+    p.add_argument("--evaluation", required=True, help="eval_r{n}.json")
+    p.add_argument("--feedback", default=None, help="feedback_r{n}.json (its sidecar's kept/dropped counts)")
+    p.add_argument("--output", required=True, help="where the line is kept too")
     p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
     p.set_defaults(func=cmd_show)
     p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")

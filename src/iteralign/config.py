@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,11 @@ def _error_path(error) -> str:
     return ".".join(parts) if parts else "<top level>"
 
 
+def _dotted(error, name: str) -> str:
+    """The dotted key of ``name`` inside the mapping an error is about."""
+    return ".".join([*(str(p) for p in error.absolute_path), name])
+
+
 def validate(config: dict, source: str = "config") -> dict:
     """Return a completed copy of ``config`` (defaults filled) or raise ConfigError.
 
@@ -121,13 +127,32 @@ def validate(config: dict, source: str = "config") -> dict:
             key = _error_path(error)
             if error.validator == "additionalProperties":
                 known = sorted(error.schema.get("properties", {}))
-                lines.append(f"{source}: key {key}: {error.message}; known keys here: {', '.join(known)}")
+                unknown = sorted(set(error.instance) - set(known)) if isinstance(error.instance, dict) else []
+                key = ", ".join(_dotted(error, name) for name in unknown) or key
+                lines.append(f"{source}: key {key}: unknown ({error.message}); known keys here: {', '.join(known)}")
             else:
                 found = json.dumps(error.instance, default=str)
                 lines.append(f"{source}: key {key}: found {found}: {error.message}")
-        raise ConfigError("invalid config\n  " + "\n  ".join(lines))
+        raise ConfigError("\n  ".join(lines))  # the first line names the first key
     _check_consistency(completed, source)
     return completed
+
+
+def exit_on_input_error(function, *args, errors: tuple[type[Exception], ...] = (ValueError,)):
+    """``function(*args)``, or, when it raises one of ``errors`` (input a user can fix), that message on
+    stderr and exit status 2: what the Snakefile calls at parse time, so that Snakemake prints
+    neither the schema nor a traceback around it."""
+    try:
+        return function(*args)
+    except errors as exc:
+        print(f"iteralign: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def validate_workflow_config(config: dict, configfiles: list) -> dict:
+    """The Snakefile's config validated and completed (validate()), its errors naming the config files."""
+    source = ", ".join(str(path) for path in configfiles) or "config.yaml"
+    return exit_on_input_error(validate, config, source, errors=(ConfigError,))
 
 
 def _check_consistency(config: dict, source: str) -> None:
@@ -151,6 +176,37 @@ def _check_consistency(config: dict, source: str) -> None:
         )
     _check_grpo(config, source)
     _check_scoring(config["scoring"], source)
+    _check_slurm_extra(config["resources"], source)
+
+
+# What to set instead of an sbatch option the SLURM plugin sets itself (its validation names the option).
+_SLURM_OPTION_KEYS = {
+    "partition": "resources.<rule>.partition", "account": "resources.<rule>.account",
+    "quality of service": "resources.<rule>.qos", "node constraints": "resources.<rule>.constraint",
+    "memory": "resources.<rule>.mem_mb", "runtime/time limit": "resources.<rule>.runtime",
+    "CPUs per task": "resources.<rule>.threads", "CPUs per GPU": "resources.<rule>.cpus_per_gpu",
+    "GPU allocation": "sampling.tensor_parallel_size, scoring.gpus or training.gpus",
+    "generic resources (GRES)": "sampling.tensor_parallel_size, scoring.gpus or training.gpus",
+    "number of nodes": "training.nodes",
+}
+
+
+def _check_slurm_extra(resources: dict, source: str) -> None:
+    """resources.<rule>.slurm_extra holds no option the SLURM plugin sets (it would refuse the job at submission)."""
+    try:
+        from snakemake_executor_plugin_slurm.validation import get_forbidden_slurm_options
+    except ImportError:  # no SLURM plugin here: nothing will be submitted with it
+        return
+    for rule, values in resources.items():
+        extra = values.get("slurm_extra") or ""
+        for pattern, option in get_forbidden_slurm_options().items():
+            match = re.search(pattern, extra)
+            if match:
+                instead = _SLURM_OPTION_KEYS.get(option, "the matching resources.<rule> key").replace("<rule>", rule)
+                raise ConfigError(
+                    f"{source}: key resources.{rule}.slurm_extra: found {extra!r}, whose {match.group().strip()!r} "
+                    f"({option}) the SLURM plugin sets itself; set {instead} instead"
+                )
 
 
 def _check_scoring(scoring: dict, source: str) -> None:
