@@ -102,7 +102,7 @@ def test_a_failed_engine_start_is_one_line_naming_the_key_to_change(error, key):
         raise RuntimeError("Engine core initialization failed. See root cause above.") from error
     except RuntimeError as wrapped:
         message = vllm_backend.start_failure_message("results/x/ckpt_r1/FINAL", wrapped)
-    assert "\n" not in message and message.startswith("vLLM failed to start on results/x/ckpt_r1/FINAL: ")
+    assert "\n" not in message and message.startswith("vLLM failed on results/x/ckpt_r1/FINAL: ")
     assert key in message and str(error).split()[0] in message
 
 

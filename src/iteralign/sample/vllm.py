@@ -82,7 +82,7 @@ def prepare_environment(on_gpu: bool, threads: int) -> None:
 
 
 class EngineStartError(ValueError):
-    """vLLM could not start on a checkpoint; the message names the config key to change."""
+    """vLLM could not start or run a checkpoint; the message names the config key to change."""
 
 
 # (what vLLM's error says, what it means and which key to change). Matched in order, case-insensitively.
@@ -102,7 +102,7 @@ _START_FAILURES = [
 
 
 def start_failure_message(checkpoint: str, error: BaseException) -> str:
-    """One line: why vLLM did not start on ``checkpoint`` and the config key to change."""
+    """One line: why vLLM failed on ``checkpoint`` and the config key to change."""
     texts = []
     while error is not None and len(texts) < 8:
         texts.append(f"{type(error).__name__}: {error}")
@@ -110,7 +110,7 @@ def start_failure_message(checkpoint: str, error: BaseException) -> str:
     detail = " <- ".join(" ".join(t.split()) for t in texts)
     advice = next((advice for pattern, advice in _START_FAILURES if re.search(pattern, detail, re.IGNORECASE)),
                   "see vLLM's messages above in this log, or use sampling.backend: hf")
-    return f"vLLM failed to start on {checkpoint}: {advice} ({detail[:300]})"
+    return f"vLLM failed on {checkpoint}: {advice} ({detail[:300]})"
 
 
 def request_seed(seed: int, prompt_index: int) -> int:
@@ -192,11 +192,11 @@ def generate(checkpoint: str, tokenizer, prompt_texts: list[str], decoding: dict
     engine = engine_arguments(checkpoint, config, seed, on_gpu)
     log.info("vLLM: %d prompts x %d samples, engine %s", len(prompts), decoding["num_samples"],
              {k: v for k, v in engine.items() if k not in ("model", "tokenizer")})
-    try:
+    try:  # some failures (a head size the CPU attention lacks) only show in the first step
         llm = LLM(**engine)
+        outputs = llm.generate(prompts, params, use_tqdm=True)
     except Exception as error:  # vLLM raises many kinds; each is turned into one line naming a key
         raise EngineStartError(start_failure_message(checkpoint, error)) from error
-    outputs = llm.generate(prompts, params, use_tqdm=True)
     del llm
     _release_gpu_memory()
     return to_completions(outputs, len(prompts), _token_counter(tokenizer))
