@@ -192,11 +192,17 @@ def generate(checkpoint: str, tokenizer, prompt_texts: list[str], decoding: dict
     engine = engine_arguments(checkpoint, config, seed, on_gpu)
     log.info("vLLM: %d prompts x %d samples, engine %s", len(prompts), decoding["num_samples"],
              {k: v for k, v in engine.items() if k not in ("model", "tokenizer")})
+    failure = None
     try:  # some failures (a head size the CPU attention lacks) only show in the first step
         llm = LLM(**engine)
         outputs = llm.generate(prompts, params, use_tqdm=True)
     except Exception as error:  # vLLM raises many kinds; each is turned into one line naming a key
-        raise EngineStartError(start_failure_message(checkpoint, error)) from error
+        if os.environ.get("ITERALIGN_DEBUG"):
+            raise
+        failure = start_failure_message(checkpoint, error)
+    if failure is not None:
+        gc.collect()  # vLLM's progress bar closes now, not after the message
+        raise EngineStartError(failure)
     del llm
     _release_gpu_memory()
     return to_completions(outputs, len(prompts), _token_counter(tokenizer))
