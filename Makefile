@@ -40,17 +40,15 @@ demo: install
 	snakemake --cores all
 	@echo
 	@echo "Results: $(CURDIR)/results/demo   (logs/demo, benchmarks/demo)"
-	@echo "Audit:   $(CURDIR)/results/demo/audit.tsv"
-	@echo
-	iteralign audit results/demo
+	@echo "Report:  $(CURDIR)/results/demo/report.html"
+	@echo "Audit:   $(CURDIR)/results/demo/audit.tsv   (the table above; again: .venv/bin/iteralign audit results/demo)"
 
 # The demo with vLLM sampling and evaluation (results/demo-vllm).
 demo-vllm: install vllm
 	snakemake --cores all --config experiment=demo-vllm sampling='{backend: vllm}'
 	@echo
 	@echo "Results: $(CURDIR)/results/demo-vllm   (logs/demo-vllm, benchmarks/demo-vllm)"
-	@echo
-	iteralign audit results/demo-vllm
+	@echo "Report:  $(CURDIR)/results/demo-vllm/report.html"
 
 test: install vllm
 	python -m pytest
@@ -64,7 +62,7 @@ $(BENCH_STAMP): $(STAMP) scripts/bench-requirements.txt
 	touch $@
 
 # Every scripts/bench_*.py prints its figures (docs/benchmarks.md records them).
-bench: install $(BENCH_STAMP)
+bench: install vllm $(BENCH_STAMP)
 	@for script in scripts/bench_*.py; do [ -e "$$script" ] || continue; echo "== $$script"; python $$script || exit 1; done
 
 lint: install
