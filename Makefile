@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[workflow,test,judge]"
+	$(PIP) -c constraints.txt -e ".[workflow,test,judge,tracking]"
 	touch $@
 
 demo: install
