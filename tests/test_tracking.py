@@ -148,7 +148,9 @@ def test_one_tracker_run_spans_every_job(run):
 
 
 def test_tensorboard_holds_the_run_step_and_round_metrics(run):
-    _assert_same(_tensorboard(run), _expected(run), rel=1e-6)  # TensorBoard keeps float32
+    logged = _tensorboard(run)
+    _assert_same(logged, _expected(run), rel=1e-6)  # TensorBoard keeps float32
+    assert not [key for key in logged if key.startswith("eval/decoding")]  # settings are not curves
 
 
 def test_mlflow_holds_the_run_step_and_round_metrics(run):
@@ -175,8 +177,9 @@ def test_config_is_logged_without_secrets(run):
     params = client.get_run(run_id).data.params
     assert params["training.loss"] == "dpo" and float(params["training.lr"]) == 1e-3
     assert params["scoring.judge.base_url"] == "https://***@judge.invalid/v1"
-    configs = [r["run"]["config"]["update"] for job in _wandb_records(run) for r in job if r["type"] == "run"]
+    configs = [r["config"]["update"] for job in _wandb_records(run) for r in job if r["type"] == "config"]
     assert configs and configs[0]["training"]["lr"] == 1e-3
+    assert configs[0]["scoring"]["judge"]["base_url"] == "https://***@judge.invalid/v1"
     files = [p for folder in ("results", "logs") for p in (run / folder).rglob("*") if p.is_file()]
     assert len(files) > 50
     for path in files:
@@ -222,3 +225,11 @@ def test_a_job_that_does_not_track_imports_no_tracker_library(run, tmp_path):
     result = _feedback_job(run, _config_file(run, tmp_path, {"trackers": []}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRACKER MODULES []" in result.stdout
+
+
+def test_tracking_is_not_part_of_the_config_hash_and_a_wrong_tracker_is_named():
+    from iteralign import config as cfg
+
+    assert cfg.config_hash(cfg.validate({})) == cfg.config_hash(cfg.validate({"tracking": TRACKING}))
+    with pytest.raises(cfg.ConfigError, match=r"key tracking.trackers.0: found \"comet\""):
+        cfg.validate({"tracking": {"trackers": ["comet"]}})

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 # The axis of each metric family: the global optimizer step, or the round.
 ROUND_FAMILIES = ("eval", "feedback", "time")
+# Settings recorded beside the round's numbers (the axis itself, decoding, the asked threshold): not metrics.
+NOT_METRICS = ("round", "decoding", "threshold_setting")
 _CREDENTIALS_IN_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -313,7 +315,7 @@ def log_round(config: dict, family: str, round_n: int, values: dict) -> None:
     """The numbers of ``values`` as ``<family>/<key>`` at the round (``eval``, ``feedback``, ``time``)."""
     session = _open(config)
     if session:
-        session.log(numeric_items({k: v for k, v in values.items() if k != "round"}, family), "round", round_n)
+        session.log(numeric_items({k: v for k, v in values.items() if k not in NOT_METRICS}, family), "round", round_n)
 
 
 def log_job_seconds(config: dict, step: str, round_n: int, seconds: float) -> None:
