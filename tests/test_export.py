@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from feedback_data import crafted_samples
+from feedback_data import write_feedback
 
 from iteralign.artifacts import write_json
-from iteralign.feedback import build_binary, build_pairwise, build_scalar
 
 ROUNDS = (1, 2)
 
@@ -17,15 +16,9 @@ ROUNDS = (1, 2)
 def write_experiment(folder: Path, kind: str) -> Path:
     """results/<exp> with the feedback files of two rounds, as the feedback step writes them."""
     experiment = folder / "results" / "exp"
+    experiment.mkdir(parents=True)
     for n in ROUNDS:
-        samples = crafted_samples(n_prompts=5, offset=10 * n)
-        if kind == "pairwise":
-            items, _ = build_pairwise(samples, "all", 0.0, seed=n, round_n=n)
-        elif kind == "binary":
-            items, _ = build_binary(samples, "mean", n)
-        else:
-            items, _ = build_scalar(samples, n)
-        write_json(items, experiment / f"feedback_r{n}.json")
+        write_feedback(folder, kind, round_n=n, n_prompts=5, offset=10 * n).rename(experiment / f"feedback_r{n}.json")
     return experiment
 
 

@@ -226,8 +226,12 @@ class Session:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = open(self.folder / ".lock", "a")  # held until close()
         fcntl.flock(self.lock, fcntl.LOCK_EX)
-        state_path = self.folder / "run.json"
-        self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        try:
+            state_path = self.folder / "run.json"
+            self.state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        except (OSError, ValueError):
+            self.lock.close()  # closing the file releases the lock
+            raise
         settings = config["tracking"]
         run_name = settings["run_name"] or config["experiment"]
         self.trackers = []
