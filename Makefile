@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[workflow,test,judge,data]"
+	$(PIP) -c constraints.txt -e ".[workflow,test,judge,data,tracking]"
 	touch $@
 
 # The CPU build of vLLM in a venv of its own (docs/cluster.md): sampling.backend vllm runs the

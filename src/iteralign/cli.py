@@ -11,7 +11,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+
+from iteralign import tracking
 
 log = logging.getLogger("iteralign")
 
@@ -42,7 +45,8 @@ def _log_job_environment(step: str) -> None:
 def _config(args):
     from iteralign import config as cfg
 
-    return cfg.load(args.config)
+    args.loaded_config = cfg.load(args.config)  # kept for the job's tracking (main)
+    return args.loaded_config
 
 
 def _provenance(step: str, config: dict, inputs: dict):
@@ -166,6 +170,7 @@ def cmd_feedback(args) -> None:
     items, stats = build_feedback(records, config, args.round)
     log.info("round %d: %s feedback: %s", args.round, config["feedback"]["type"], stats)
     write_json(items, args.output, prov.record(round=args.round, stats=stats))
+    tracking.log_round(config, "feedback", args.round, stats)
 
 
 def cmd_reference(args) -> None:
@@ -226,6 +231,7 @@ def cmd_evaluate(args) -> None:
     record = prov.record(round=args.round, decoding=decoding)
     write_parquet(frame, args.table, record)
     write_json(summary, args.summary, record)
+    tracking.log_round(config, "eval", args.round, summary)
 
 
 def cmd_prune(args) -> None:
@@ -265,6 +271,13 @@ def cmd_report(args) -> None:
 
     write_report(args.results, args.output, _config(args), args.benchmarks)
     log.info("report: %s", args.output)
+
+
+def cmd_export(args) -> None:
+    from iteralign.export import export
+
+    for path in export(args.results, args.format, args.output):
+        print(path)
 
 
 def cmd_show(args) -> None:
@@ -359,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", required=True, help="eval_r{n}.json")
     p.add_argument("--feedback", default=None, help="feedback_r{n}.json (its sidecar's kept/dropped counts)")
     p.add_argument("--output", required=True, help="where the line is kept too")
+
+    p = sub.add_parser("export", help="the rounds' feedback as TRL datasets (parquet, one file per round)")
+    p.set_defaults(func=cmd_export)
+    p.add_argument("results", help="results/<experiment>")
+    p.add_argument("--format", required=True, choices=["trl"],
+                   help="trl: preference (prompt/chosen/rejected) or unpaired preference (prompt/completion/label)")
+    p.add_argument("--output", default=None, help="folder for the parquet files (default: results/<exp>/export/trl)")
     p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
     p.set_defaults(func=cmd_show)
     p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
@@ -368,13 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _track_job_seconds(args, seconds: float) -> None:
+    """A finished job's wall time to the experiment's trackers: steps of a round at the
+    round, the steps before round 1 at round 0."""
+    config = getattr(args, "loaded_config", None)
+    round_n = getattr(args, "round", 0 if args.step in ("plan", "sft", "link-sft") else None)
+    if config is not None and round_n is not None:
+        tracking.log_job_seconds(config, args.step, round_n, seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    if args.step != "show" and not (args.step == "audit" and args.output is None):  # not for a person's query
+    if args.step not in ("show", "export") and not (args.step == "audit" and args.output is None):  # not for a person's query
         _log_job_environment(args.step)
+    started = time.monotonic()
     try:
         status = args.func(args)
+        _track_job_seconds(args, time.monotonic() - started)
     except (FileNotFoundError, ValueError) as exc:
         # Input a user can fix (ConfigError, PromptError, FeedbackError and RetentionError are
         # ValueErrors): one line naming the problem. Anything else keeps its traceback.
@@ -382,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        tracking.close()
     return status or 0
 
 

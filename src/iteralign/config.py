@@ -20,10 +20,10 @@ import yaml
 
 SCHEMA_PATH = Path(str(resources.files("iteralign") / "schemas" / "config.schema.yaml"))
 
-# Keys that change where or how fast a job runs, or how long its checkpoints are
-# kept, but not what it computes; they are left out of the config hash so that
-# moving to a cluster (or pruning checkpoints) keeps provenance.
-_HASH_EXCLUDED = ("resources", "checkpoints")
+# Keys that change where or how fast a job runs, how long its checkpoints are kept
+# or where its metrics are sent, but not what it computes; they are left out of the
+# config hash so that moving to a cluster (or pruning, or tracking) keeps provenance.
+_HASH_EXCLUDED = ("resources", "checkpoints", "tracking")
 
 
 class ConfigError(ValueError):

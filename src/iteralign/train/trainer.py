@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from iteralign import tracking
 from iteralign.artifacts import write_jsonl
 from iteralign.config import PAIRED_LOSSES, history_rounds, uses_reference
 from iteralign.feedback import check_trainable, load_feedback
@@ -471,6 +472,7 @@ def train_round(
             provenance=record,
             state_dict=full_state_dict,
         )
+        tracking.log_train_steps(config, rows)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
