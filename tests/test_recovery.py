@@ -181,3 +181,44 @@ def test_redoing_an_earlier_round_says_plainly_that_a_pruned_checkpoint_is_retra
     dry = snakemake(retained_run, "-n", "--forcerun", str(EXP / "feedback_r2.json"), configfile="default.yaml")
     assert "train round 1 AGAIN: ckpt_r1/FINAL was deleted by checkpoints.keep_last" in dry.stdout
     assert planned_jobs(dry).get("train") == 3  # round 1 again, then rounds 2 and 3
+
+
+# ---------------------------------------------------------------- external inputs count by content
+@pytest.fixture(scope="module")
+def linked_run(micro_run, tmp_path_factory) -> Path:
+    """One round from a user's SFT checkpoint (a copy of the micro run's), linked by link_sft."""
+    root = tmp_path_factory.mktemp("linked")
+    user_sft = root / "my-sft"
+    shutil.copytree(micro_run / EXP / "ckpt_r0/FINAL", user_sft, ignore=shutil.ignore_patterns(".snakemake_*"))
+    workdir = new_workdir(root / "run", rounds=1, policy={"sft_checkpoint": str(user_sft)})
+    snakemake(workdir)
+    return workdir
+
+
+def test_touching_the_users_sft_folder_re_plans_nothing_and_the_audit_agrees(linked_run, tmp_path):
+    workdir = copy_run(linked_run, tmp_path / "touched")
+    user_sft = Path(yaml.safe_load((workdir / "config.yaml").read_text())["policy"]["sft_checkpoint"])
+    assert (workdir / EXP / "ckpt_r0/FINAL/config.json").resolve() == user_sft / "config.json"
+    later = time.time() + 60
+    for path in [user_sft, *user_sft.rglob("*")]:
+        os.utime(path, (later, later))
+
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+    audit = run_cli("audit", str(EXP), "--strict", cwd=workdir, check=False)
+    assert audit.returncode == 0, audit.stdout[-2000:]
+
+
+def test_changing_a_byte_of_the_users_sft_folder_re_plans_and_the_audit_says_so(linked_run):
+    # the last test of the module: it changes the fixture's SFT folder
+    workdir = linked_run
+    user_sft = Path(yaml.safe_load((workdir / "config.yaml").read_text())["policy"]["sft_checkpoint"])
+    config_json = user_sft / "config.json"
+    mtime = config_json.stat().st_mtime_ns
+    with open(config_json, "a") as handle:
+        handle.write(" ")  # one byte more (JSON all the same) ...
+    os.utime(config_json, ns=(mtime, mtime))  # ... and the old modification time
+
+    audit = run_cli("audit", str(EXP), "--strict", cwd=workdir, check=False)
+    assert audit.returncode == 1 and f"policy.sft_checkpoint: the content of {user_sft} changed" in audit.stdout
+    jobs = planned_jobs(snakemake(workdir, "-n"))
+    assert jobs.get("link_sft") == 1 and jobs.get("train") == 1 and jobs.get("evaluate") == 2
