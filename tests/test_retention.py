@@ -183,3 +183,18 @@ def test_pruning_again_keeps_the_record_of_the_first_deletion(experiment):
     (experiment / "results/exp/ckpt_r1/pruned.json").write_text(json.dumps(first))
     again = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
     assert again == first and again["deleted"] is True and again["sha256"] == "digest-1"
+
+
+def test_pruning_frees_the_last_good_stores_links_too(experiment):
+    from iteralign.last_good import STORE, keep_last_good, restore
+
+    exp = experiment / "results/exp"
+    keep_last_good(exp)
+    stored = exp / STORE / "ckpt_r1/FINAL/model.safetensors"
+    assert stored.is_file()
+    finish_training(experiment, 2)
+    record = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
+    (exp / "ckpt_r1/pruned.json").write_text(json.dumps(record))
+    assert not stored.exists()
+    assert restore(exp) == []  # a checkpoint retention deleted is never put back
+    assert not checkpoint(experiment, 1).exists()

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from iteralign.artifacts import NOT_CONTENT, remove_stale_tmp
+from iteralign.artifacts import NOT_CONTENT, atomic_path, remove_stale_tmp
 from iteralign.retention import was_pruned
 
 STORE = ".last-good"
@@ -120,7 +120,8 @@ def keep_last_good(results: str | Path) -> list[str]:
         if unit != RUN_MANIFEST and was_pruned(results / unit):
             _remove(store / unit)
     if store.is_dir():
-        (store / RUN_MANIFEST).write_text(json.dumps({"artefacts": units, "pid": os.getpid()}, indent=1) + "\n")
+        with atomic_path(store / RUN_MANIFEST) as tmp:
+            tmp.write_text(json.dumps({"artefacts": units, "pid": os.getpid()}, indent=1) + "\n")
     return units
 
 

@@ -121,6 +121,16 @@ def _remove_stale(folder: Path) -> None:
         shutil.rmtree(stale)
 
 
+def _forget_last_good(folder: Path) -> None:
+    """Drop the last-good store's links to a deleted checkpoint, so that its space is freed now."""
+    from iteralign.last_good import STORE
+
+    experiment = folder.parent.parent
+    stored = experiment / STORE / folder.relative_to(experiment)
+    if stored.is_dir() and not stored.is_symlink():
+        shutil.rmtree(stored)
+
+
 def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict:
     """Delete round n's policy checkpoint when that is safe; returns what was done (pruned.json).
 
@@ -143,5 +153,6 @@ def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict
     doomed = folder.with_name(f".{folder.name}.pruning-{os.getpid()}")
     folder.rename(doomed)
     shutil.rmtree(doomed)
+    _forget_last_good(folder)
     log.info("round %d: deleted %s (%.1f MB)", round_n, folder, size / 1e6)
     return {**record, "deleted": True, "bytes_freed": size, "sha256": meta.get("sha256")}
