@@ -56,7 +56,7 @@ def start_experiment_run():
     from snakemake.exceptions import WorkflowError
 
     from iteralign.artifacts import ExperimentInUse, lock_experiment
-    from iteralign.last_good import StoreUnavailable, keep_last_good
+    from iteralign.last_good import keep_last_good
 
     try:
         lock_experiment(EXP)
@@ -64,7 +64,7 @@ def start_experiment_run():
         raise WorkflowError(str(exc)) from None
     try:
         keep_last_good(EXP)
-    except StoreUnavailable as exc:
+    except OSError as exc:  # e.g. a file system without hard links: the run goes on, unprotected
         print(f"iteralign: no last-good store for this run: {exc}", file=sys.stderr)
 
 

@@ -222,3 +222,13 @@ def test_changing_a_byte_of_the_users_sft_folder_re_plans_and_the_audit_says_so(
     assert audit.returncode == 1 and f"policy.sft_checkpoint: the content of {user_sft} changed" in audit.stdout
     jobs = planned_jobs(snakemake(workdir, "-n"))
     assert jobs.get("link_sft") == 1 and jobs.get("train") == 1 and jobs.get("evaluate") == 2
+
+
+def test_win_rates_say_which_tie_margin_they_used(micro_run):
+    exp = micro_run / EXP
+    evaluations = [json.loads((exp / f"eval_r{n}.json").read_text()) for n in range(4)]
+    margins = {(e["tie_margin"], e["tie_margin_reward"]) for e in evaluations}
+    assert len(margins) == 1  # every round against the same margin, from round 0's spread
+    [(fraction, reward)] = margins
+    assert fraction == 0.1 and reward > 0
+    assert f"win-rate tie margin: 0.1 x round-0 reward std = {reward:.4g} reward" in (exp / "report.html").read_text()
