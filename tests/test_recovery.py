@@ -232,3 +232,23 @@ def test_win_rates_say_which_tie_margin_they_used(micro_run):
     [(fraction, reward)] = margins
     assert fraction == 0.1 and reward > 0
     assert f"win-rate tie margin: 0.1 x round-0 reward std = {reward:.4g} reward" in (exp / "report.html").read_text()
+
+
+def test_restore_is_refused_while_a_run_holds_the_experiment(tmp_path):
+    import sys
+
+    exp = tmp_path / "results/exp"
+    exp.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from iteralign.artifacts import "
+                               f"lock_experiment; lock_experiment({str(exp)!r}); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = run_cli("restore", str(exp), check=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert f"{exp} is in use by another run (pid {holder.pid} on host" in line
+    assert "nothing to restore" in run_cli("restore", str(exp)).stdout  # released with its holder
