@@ -48,6 +48,16 @@ include: "rules/report.smk"
 include: "rules/console.smk"
 
 
+# One run per experiment, whatever folder it starts from; the last good version of every
+# artefact kept before any job runs, and put back after a failed run (docs/workflow.md).
+onstart:
+    start_experiment_run()
+
+
+onerror:
+    recover_failed_run()
+
+
 rule all:
     default_target: True
     input:

@@ -54,6 +54,38 @@ os.environ.setdefault("ITERALIGN_SOURCE", str(workflow.basedir))
 CONFIG_FILE = _resolved_config_file()
 
 
+# ---------------------------------------------------------------- run handlers
+def start_experiment_run():
+    """onstart: take the experiment's lock, then keep the last good version of its artefacts."""
+    from snakemake.exceptions import WorkflowError
+
+    from iteralign.artifacts import ExperimentInUse, lock_experiment
+    from iteralign.last_good import keep_last_good
+
+    try:
+        lock_experiment(EXP)
+    except ExperimentInUse as exc:
+        raise WorkflowError(str(exc)) from None
+    try:
+        keep_last_good(EXP)
+    except OSError as exc:  # e.g. a file system without hard links: the run goes on, unprotected
+        print(f"iteralign: no last-good store for this run: {exc}", file=sys.stderr)
+
+
+def recover_failed_run():
+    """onerror: put back what the failed run removed and did not rebuild, and say which.
+
+    Snakemake may have recorded the failed job's inputs for those outputs; their records
+    are dropped, so that it judges the restored files by modification time alone.
+    """
+    from snakemake.io import IOFile
+
+    from iteralign.last_good import report_failed_run
+
+    for unit in report_failed_run(EXP):
+        workflow.persistence.cleanup_metadata(IOFile(str(EXP / unit)))
+
+
 # ---------------------------------------------------------------- paths
 def result(name):
     return str(EXP / name)
@@ -72,32 +104,47 @@ def checkpoint_dir(n):
 
 
 # ---------------------------------------------------------------- input functions
+def _stamped_inputs():
+    """Content stamps of the inputs outside the experiment, written now (iteralign.external);
+    a path that does not exist stops the workflow here, naming its config key."""
+    from iteralign.external import ExternalInputError, write_stamps
+
+    try:
+        return write_stamps(config, EXP)
+    except ExternalInputError as exc:
+        raise ValueError(str(exc)) from None
+
+
+STAMPED_INPUTS = _stamped_inputs()
+
+
+def stamped_input(key):
+    """What rules read for config key ``key``'s external file or folder, namely its
+    content stamp, which changes only when the content does (none when the config has none)."""
+    return [STAMPED_INPUTS[key]] if key in STAMPED_INPUTS else []
+
+
 def prompt_source_file():
-    source = config["prompts"]["source"]
-    return [] if source.startswith("demo:") else [source]
+    return stamped_input("prompts.source")
 
 
 def sft_data_file():
-    data = config["sft"]["data"]
-    return [] if data.startswith("demo:") else [data]
+    return stamped_input("sft.data")
 
 
-def scorer_files(scoring=None):
-    """What a scorer reads besides the samples: the reward model's folder, if any
-    (``scoring`` defaults to the training scorer, config.scoring).
+def sft_checkpoint_stamp():
+    return stamped_input("policy.sft_checkpoint")
 
-    Declared as an input so that a missing folder fails before any job runs, naming it.
-    """
-    scoring = config["scoring"] if scoring is None else scoring
-    if scoring.get("scorer") == "reward_model" and scoring.get("reward_model", {}).get("path"):
-        return [scoring["reward_model"]["path"]]
-    return []
+
+def scorer_files(section="scoring"):
+    """What a scorer reads besides the samples: the reward model's folder, if any, as its
+    content stamp (``section``: the config section of the scorer)."""
+    return stamped_input(f"{section}.reward_model.path")
 
 
 def evaluation_scorer_files():
     """The held-out evaluation scores with the training scorer and, if set, evaluation.scorer."""
-    second = config["evaluation"]["scorer"]
-    return scorer_files() + (scorer_files(second) if second else [])
+    return scorer_files() + scorer_files("evaluation.scorer")
 
 
 def previous_checkpoint(wildcards):
@@ -135,6 +182,20 @@ def output_folder(wildcards, output):
 def later_training_metrics(wildcards):
     """train_r{n+K}.jsonl: round n+K finished training (checkpoints.keep_last = K)."""
     return result(f"train_r{int(wildcards.n) + config['checkpoints']['keep_last']}.jsonl")
+
+
+def pruned_checkpoint_note(wildcards):
+    """The train job's message when the checkpoint it writes was deleted by retention (else empty):
+    a dry run then says plainly that an earlier round is re-trained."""
+    from iteralign.retention import was_pruned
+
+    n = int(wildcards.n)
+    if not was_pruned(Path(checkpoint_dir(n))):
+        return ""
+    return (f"train round {n} AGAIN: ckpt_r{n}/FINAL was deleted by checkpoints.keep_last "
+            f"({config['checkpoints']['keep_last']}; see {result(f'ckpt_r{n}/pruned.json')}) and a later round "
+            f"needs it, so round {n} is re-trained from ckpt_r{n - 1} and every job that reads its checkpoint "
+            f"runs again. Keep it next time with a larger checkpoints.keep_last, or null.")
 
 
 def pruned_checkpoints():

@@ -2,12 +2,14 @@
 # any more: round n was evaluated (eval_r{n}) and round n+K finished training
 # (train_r{n+K}.jsonl, written after its checkpoint). The checkpoint itself is a
 # param, not an input: a deleted checkpoint must not look like a missing input.
+# Only the existence of train_r{n+K}.jsonl matters (ancient): re-training a later
+# round does not prune again.
 if config["checkpoints"]["keep_last"]:
 
     rule prune_checkpoint:
         input:
             evaluation=result("eval_r{n}.json"),
-            trained=later_training_metrics,
+            trained=ancient(later_training_metrics),
         output:
             result("ckpt_r{n}/pruned.json"),
         params:

@@ -2,6 +2,8 @@
 if config["policy"]["sft_checkpoint"]:
 
     rule link_sft:
+        input:
+            stamp=sft_checkpoint_stamp(),
         output:
             directory(checkpoint_dir(0)),
         params:
@@ -14,7 +16,7 @@ if config["policy"]["sft_checkpoint"]:
         conda:
             conda_env("link_sft")
         shell:
-            "iteralign link-sft --config {params.config} --output {output} > {log} 2>&1"
+            "iteralign link-sft --config {params.config} --stamp {input.stamp} --output {output} > {log} 2>&1"
 
 else:
 

@@ -12,7 +12,10 @@ rule train:
     params:
         config=CONFIG_FILE,
         launch=launcher("train"),
+        rebuilds=pruned_checkpoint_note,
         reference=input_option("reference"),
+    message:
+        "{params.rebuilds}"  # empty (Snakemake's usual job lines) unless it rebuilds a pruned checkpoint
     log:
         log_file("train_r{n}.log"),
     benchmark:

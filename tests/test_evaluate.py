@@ -16,6 +16,7 @@ from iteralign.evaluate import (
     max_length_fraction,
     reward_summary,
     summarize,
+    tie_margin_reward,
     win_rate,
     win_scores,
 )
@@ -188,3 +189,22 @@ def test_another_round_with_other_decoding_is_refused_naming_the_key():
 def test_a_round_without_the_evaluation_scorer_is_refused_when_one_is_configured():
     with pytest.raises(ValueError, match="no column 'eval_scorer_reward'"):
         check_comparable(eval_rows(["a"]), "eval_r0.parquet", ["a"], {}, None, ["eval_scorer_reward"])
+
+
+def test_a_change_within_the_tie_margin_is_a_tie():
+    # +0.002 and -0.01 lie within a margin of 0.05; +0.3 beats it, -0.2 loses by more than it
+    rewards = [0.502, 0.49, 0.8, 0.3]
+    baseline = [0.5, 0.5, 0.5, 0.5]
+    assert list(win_scores(rewards, baseline, margin=0.05)) == [0.5, 0.5, 1.0, 0.0]
+    assert list(win_scores(rewards, baseline)) == [1.0, 0.0, 1.0, 0.0]  # margin 0: strict comparison
+
+
+def test_the_tie_margin_follows_the_spread_of_round_zero():
+    round0 = held_out([0.0, 1.0, 0.0, 1.0])  # standard deviation 0.5
+    barely_better = held_out([0.04, 1.04, 0.04, 1.04])
+    summary = reward_summary(barely_better, round0, round0, n_resamples=200, seed=0, tie_margin=0.1)
+    assert summary["tie_margin"] == 0.1 and summary["tie_margin_reward"] == pytest.approx(0.05)
+    assert summary["win_rate_vs_r0"] == 0.5  # +0.04 everywhere is within 0.05: all ties
+    strict = reward_summary(barely_better, round0, round0, n_resamples=200, seed=0, tie_margin=0.0)
+    assert strict["win_rate_vs_r0"] == 1.0
+    assert tie_margin_reward([1.0, math.nan], 0.1) == 0.0  # one scored prompt: no spread to scale by

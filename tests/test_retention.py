@@ -64,6 +64,7 @@ def test_keep_last_two_waits_for_the_round_two_later(experiment):
     finish_training(experiment, 2)
     with pytest.raises(RetentionError, match="round 3 has not finished training"):
         prune_checkpoint(experiment_config(experiment, keep_last=2), 1, checkpoint(experiment, 1))
+    make_checkpoint(checkpoint(experiment, 3), 3)
     finish_training(experiment, 3)
     prune_checkpoint(experiment_config(experiment, keep_last=2), 1, checkpoint(experiment, 1))
     assert not checkpoint(experiment, 1).exists()
@@ -145,3 +146,55 @@ def test_the_command_refuses_in_one_line(experiment, tmp_path):
                      str(checkpoint(experiment, 0)), "--output", str(tmp_path / "pruned.json"), check=False)
     assert result.returncode == 2
     assert "iteralign prune: error: round 0: ckpt_r0 is the SFT reference and is never deleted" in result.stderr
+
+
+@pytest.mark.parametrize("successor_state", ["missing", "killed before its trainer state", "no sidecar",
+                                             "another round's"])
+def test_a_checkpoint_is_kept_while_its_successor_is_not_complete_whatever_the_metrics_say(experiment,
+                                                                                            successor_state):
+    successor = checkpoint(experiment, 2)
+    if successor_state == "missing":
+        shutil.rmtree(successor)
+    elif successor_state == "killed before its trainer state":
+        (successor / "trainer_state.json").unlink()
+    elif successor_state == "no sidecar":
+        (successor.parent / "FINAL.meta.json").unlink()
+    else:
+        (successor / "trainer_state.json").write_text(json.dumps({"round": 1}))
+    finish_training(experiment, 2)  # a complete-looking train_r2.jsonl
+    with pytest.raises(RetentionError, match="round 2's checkpoint .* is not complete"):
+        prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
+    assert (checkpoint(experiment, 1) / "model.safetensors").exists()
+
+
+def test_a_successor_deleted_by_retention_counts_as_complete(experiment):
+    make_checkpoint(checkpoint(experiment, 3), 3)
+    finish_training(experiment, 3)
+    config = experiment_config(experiment, keep_last=1)
+    finish_training(experiment, 2)
+    pruned = prune_checkpoint(config, 2, checkpoint(experiment, 2))
+    (experiment / "results/exp/ckpt_r2/pruned.json").write_text(json.dumps(pruned))
+    assert prune_checkpoint(config, 1, checkpoint(experiment, 1))["deleted"] is True
+
+
+def test_pruning_again_keeps_the_record_of_the_first_deletion(experiment):
+    finish_training(experiment, 2)
+    first = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
+    (experiment / "results/exp/ckpt_r1/pruned.json").write_text(json.dumps(first))
+    again = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
+    assert again == first and again["deleted"] is True and again["sha256"] == "digest-1"
+
+
+def test_pruning_frees_the_last_good_stores_links_too(experiment):
+    from iteralign.last_good import STORE, keep_last_good, restore
+
+    exp = experiment / "results/exp"
+    keep_last_good(exp)
+    stored = exp / STORE / "ckpt_r1/FINAL/model.safetensors"
+    assert stored.is_file()
+    finish_training(experiment, 2)
+    record = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))
+    (exp / "ckpt_r1/pruned.json").write_text(json.dumps(record))
+    assert not stored.exists()
+    assert restore(exp) == []  # a checkpoint retention deleted is never put back
+    assert not checkpoint(experiment, 1).exists()

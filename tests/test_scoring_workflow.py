@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +32,9 @@ def test_a_missing_reward_model_stops_the_workflow_before_any_job(tmp_path):
                                                            "reward_model": {"path": str(missing)}}))
     said = done.stdout + done.stderr
     assert done.returncode != 0
-    # round 0's evaluation (which scores with it too) or a score job names it
-    assert re.search(r"Missing input files for rule (score|evaluate)", said) and str(missing) in said
+    # when the workflow is parsed, before the DAG: the config key and the path
+    assert f"scoring.reward_model.path: {missing} does not exist" in said
+    assert "Job stats" not in said
 
 
 def test_every_score_job_reads_the_reward_model(tmp_path):
@@ -42,8 +43,10 @@ def test_every_score_job_reads_the_reward_model(tmp_path):
     done = dry_run(tmp_path / "wf", micro_config(scoring={"scorer": "reward_model",
                                                            "reward_model": {"path": str(model)}}))
     assert done.returncode == 0, done.stderr[-2000:]
+    stamp = "results/micro/inputs/scoring.reward_model.path.json"  # its content stamp stands for it
     score_jobs = [block for block in done.stdout.split("\n\n") if "rule score:" in block]
-    assert len(score_jobs) == 3 and all(str(model) in block for block in score_jobs)
+    assert len(score_jobs) == 3 and all(stamp in block for block in score_jobs)
+    assert json.loads((tmp_path / "wf" / stamp).read_text())["path"] == str(model.resolve())
 
 
 def test_the_judge_key_never_reaches_the_resolved_config(tmp_path):

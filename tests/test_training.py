@@ -147,3 +147,25 @@ def test_kto_round_trains_on_binary_feedback(tmp_path, tiny_checkpoint):
     # which only holds if the precomputed mismatched pairs are the ones the trainer uses
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_metrics_file_is_written_only_after_the_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    """A train_r{n}.jsonl on disk means ckpt_r{n}/FINAL is complete: a job killed while
+    writing the checkpoint leaves neither."""
+    import iteralign.train.trainer as trainer
+
+    config = cfg.validate(micro_config(feedback={"type": "binary"}, training={"loss": "kto", "lr": 1e-3}))
+    items, _ = build_binary(crafted_samples(), "mean")
+    feedback, reference = tmp_path / "feedback_r1.json", tmp_path / "reflogps_r1.parquet"
+    write_json(items, feedback)
+    write_parquet(reference_logps(config, feedback, tiny_checkpoint), reference)
+
+    def killed_while_saving(*args, **kwargs):
+        raise KeyboardInterrupt("killed while the checkpoint was being written")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train_round(config, 1, [feedback], [reference], tiny_checkpoint, tmp_path / "ckpt_r1" / "FINAL",
+                    tmp_path / "train_r1.jsonl")
+    assert not (tmp_path / "ckpt_r1" / "FINAL").exists()
+    assert not (tmp_path / "train_r1.jsonl").exists()

@@ -36,14 +36,48 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Files a folder may hold that are not its content: Snakemake writes this one into a
+# directory output after its job ends, as the folder's modification time.
+NOT_CONTENT = frozenset({".snakemake_timestamp"})
+
+
 def dir_sha256(path: str | Path) -> str:
-    """Hash of a folder: every file's relative path and content, in sorted order."""
+    """Hash of a folder: every file's relative path and content, in sorted order
+    (files named in :data:`NOT_CONTENT` left out)."""
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in NOT_CONTENT):
         digest.update(str(file.relative_to(root)).encode())
         digest.update(bytes.fromhex(file_sha256(file)))
     return digest.hexdigest()
+
+
+def cached_content_sha256(path: str | Path, cache_file: str | Path) -> str:
+    """:func:`dir_sha256` of a folder (or :func:`file_sha256` of a file), re-hashing only the
+    files whose size or modification time changed since ``cache_file`` recorded them.
+
+    The cache (JSON: relative path -> [size, mtime_ns, sha256]) is rewritten when it changes.
+    """
+    root, cache_file = Path(path), Path(cache_file)
+    try:
+        cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except json.JSONDecodeError:
+        cached = {}
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.name not in NOT_CONTENT)
+    fresh, digest = {}, hashlib.sha256()
+    for file in files:
+        name = "." if file == root else str(file.relative_to(root))
+        stat = file.stat()
+        entry = cached.get(name)
+        if not (entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns):
+            entry = [stat.st_size, stat.st_mtime_ns, file_sha256(file)]
+        fresh[name] = entry
+        digest.update(name.encode())
+        digest.update(bytes.fromhex(entry[2]))
+    if fresh != cached:
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(fresh) + "\n")
+    return fresh["."][2] if root.is_file() else digest.hexdigest()
 
 
 def artifact_sha256(path: str | Path) -> str:
@@ -263,3 +297,49 @@ def check_columns(frame, required: list[str], path: str | Path) -> None:
         raise ValueError(
             f"{path}: missing column(s) {missing}; found {list(frame.columns)}, expected at least {required}"
         )
+
+
+# ---------------------------------------------------------------- one run per experiment
+LOCK_FILE = ".lock"  # results/<exp>/.lock
+_held_locks: dict[Path, int] = {}
+
+
+class ExperimentInUse(RuntimeError):
+    """Another run holds the experiment's lock."""
+
+
+def lock_experiment(results: str | Path) -> Path:
+    """Hold ``results/<exp>/.lock`` for the rest of this process, or raise :class:`ExperimentInUse`.
+
+    An ``flock`` on a file inside the experiment: whichever working folder a run
+    starts from, two runs of one experiment meet at the same lock. The kernel
+    releases it when the holder exits, however it exits, so a lock is never
+    stale; the file's text (pid, host, working folder) only names the holder.
+    """
+    import fcntl
+
+    results = Path(results).resolve()
+    if results in _held_locks:
+        return results / LOCK_FILE
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / LOCK_FILE
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(handle, 4096).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise ExperimentInUse(f"{results} is in use by another run ({holder}); one experiment takes one run at "
+                              "a time: wait for that run to end or stop it") from None
+    os.ftruncate(handle, 0)
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}, working folder {Path.cwd()}, since {_now()}"
+    os.write(handle, holder.encode() + b"\n")
+    _held_locks[results] = handle
+    return path
+
+
+def unlock_experiment(results: str | Path) -> None:
+    """Release a lock this process holds (exiting releases it too)."""
+    handle = _held_locks.pop(Path(results).resolve(), None)
+    if handle is not None:
+        os.close(handle)

@@ -135,8 +135,9 @@ def to_tsv(rows: list[dict]) -> str:
 class ProvenanceProblem(NamedTuple):
     """An artefact whose recorded input (or own content) no longer matches the file on disk."""
 
-    kind: str  # "changed": an input differs from what was consumed; "missing": it is gone;
-    # "modified": the artefact differs from the hash its own sidecar recorded
+    kind: str  # "changed": an input differs from what was consumed (or an external input from its
+    # stamp); "missing": it is gone; "modified": the artefact differs from the hash its own sidecar
+    # recorded; "mixed": artefacts made with different seeds
     artefact: str
     input: str | None
     message: str
@@ -189,6 +190,7 @@ def verify_provenance(results: str | Path, deep: bool = False,
     of every file it read (by resolved path), for a caller that lists them too.
     """
     from iteralign.artifacts import artifact_sha256, dir_sha256, file_sha256, read_provenance
+    from iteralign.external import changed_inputs
 
     results = Path(results)
     records = [(path, read_provenance(path)) for path in provenance_artefacts(results)]
@@ -225,7 +227,25 @@ def verify_provenance(results: str | Path, deep: bool = False,
                     "changed", str(path), entry["path"],
                     f"{path} was made from {entry['path']} ({name}) with sha256 {entry['sha256'][:12]}, which now "
                     f"has sha256 {current[resolved][:12]}: {source.name} changed after {path.name} consumed it"))
+    problems += mixed_seeds(records)
+    problems += [ProvenanceProblem("changed", stamp, None, message) for stamp, message in changed_inputs(results)]
     return len(records), problems
+
+
+def mixed_seeds(records: list[tuple[Path, dict]]) -> list[ProvenanceProblem]:
+    """One problem when the experiment's artefacts were made with different seeds: two runs
+    (another working folder, another config) wrote into one experiment folder."""
+    by_seed: dict = {}
+    for path, meta in records:
+        if "seed" in meta:
+            by_seed.setdefault(meta["seed"], []).append(path.name)
+    if len(by_seed) < 2:
+        return []
+    listed = "; ".join(f"seed {seed}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} ({len(names)})"
+                       for seed, names in sorted(by_seed.items(), key=lambda item: str(item[0])))
+    return [ProvenanceProblem("mixed", str(records[0][0].parent), None,
+                              f"{records[0][0].parent} mixes artefacts made with {len(by_seed)} seeds ({listed}): "
+                              "runs with different configs wrote into one experiment; re-run it under one config")]
 
 
 def format_problems(checked: int, problems: list[ProvenanceProblem]) -> str:

@@ -93,7 +93,8 @@ def cmd_link_sft(args) -> None:
     from iteralign.sft import link_sft
 
     config = _config(args)
-    link_sft(config, args.output, _provenance("link_sft", config, {}))
+    inputs = {"stamp": args.stamp} if args.stamp else {}
+    link_sft(config, args.output, _provenance("link_sft", config, inputs), stamp=args.stamp)
 
 
 def cmd_sample(args) -> None:
@@ -266,6 +267,21 @@ def cmd_audit(args) -> int:
     return 1 if problems and args.strict else 0
 
 
+def cmd_restore(args) -> None:
+    from iteralign.artifacts import ExperimentInUse, lock_experiment
+    from iteralign.last_good import STORE, restore
+
+    try:
+        lock_experiment(args.results)  # never while a run of the experiment is going on
+    except ExperimentInUse as exc:
+        raise ValueError(str(exc)) from None
+    restored = restore(args.results)
+    for unit in restored:
+        print(f"restored {Path(args.results) / unit}")
+    if not restored:
+        print(f"nothing to restore: every artefact kept in {Path(args.results) / STORE} is in place")
+
+
 def cmd_report(args) -> None:
     from iteralign.report import write_report
 
@@ -319,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True)
     p = step("link-sft", cmd_link_sft, "point ckpt_r0/FINAL at an existing SFT checkpoint")
     p.add_argument("--output", required=True)
+    p.add_argument("--stamp", default=None, help="its content stamp (results/<exp>/inputs/policy.sft_checkpoint.json)")
     p = step("sample", cmd_sample, "sample k completions per prompt of a round", rounds=True, threads=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--checkpoint", required=True)
@@ -363,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
     p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
     p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
+    p = sub.add_parser("restore", help="put back the last good version of every artefact missing from an "
+                       "experiment (what a failed or killed run removed)")
+    p.set_defaults(func=cmd_restore)
+    p.add_argument("results", help="results/<experiment>")
     p = step("report", cmd_report, "one self-contained HTML report of an experiment")
     p.add_argument("results", help="results/<experiment>")
     p.add_argument("--output", required=True, help="report.html")
@@ -400,7 +421,7 @@ def _track_job_seconds(args, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    if args.step not in ("show", "export") and not (args.step == "audit" and args.output is None):  # not for a person's query
+    if args.step not in ("show", "export", "restore") and not (args.step == "audit" and args.output is None):  # not for a person's query
         _log_job_environment(args.step)
     started = time.monotonic()
     try:

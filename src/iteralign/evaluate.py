@@ -56,24 +56,38 @@ def bootstrap_ci(values, n_resamples: int, seed: int, statistic=np.mean) -> list
 
 
 # ---------------------------------------------------------------- win rates
-def win_scores(rewards, baseline_rewards) -> np.ndarray:
-    """Per prompt: 1 win, 0.5 tie, 0 loss; NaN where either reward is missing."""
+def win_scores(rewards, baseline_rewards, margin: float = 0.0) -> np.ndarray:
+    """Per prompt: 1 win, 0.5 tie, 0 loss; NaN where either reward is missing.
+
+    A difference of at most ``margin`` (reward units) is a tie.
+    """
     a = np.asarray(rewards, dtype=float)
     b = np.asarray(baseline_rewards, dtype=float)
-    scores = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+    difference = a - b
+    scores = np.where(difference > margin, 1.0, np.where(difference < -margin, 0.0, 0.5))
     scores[np.isnan(a) | np.isnan(b)] = np.nan
     return scores
 
 
-def win_rate(rewards, baseline_rewards, n_resamples: int, seed: int) -> tuple[float, list[float]]:
-    """Mean win score against a baseline on the same prompts (ties half), with its bootstrap 95% CI.
+def win_rate(rewards, baseline_rewards, n_resamples: int, seed: int,
+             margin: float = 0.0) -> tuple[float, list[float]]:
+    """Mean win score against a baseline on the same prompts (ties half, ``margin`` as in
+    :func:`win_scores`), with its bootstrap 95% CI.
 
     Prompts where either side failed to score are left out; NaN when none is left.
     """
-    wins = win_scores(rewards, baseline_rewards)
+    wins = win_scores(rewards, baseline_rewards, margin)
     if np.isnan(wins).all():
         return math.nan, [math.nan, math.nan]
     return float(np.nanmean(wins)), bootstrap_ci(wins, n_resamples, seed)
+
+
+def tie_margin_reward(round0_rewards, tie_margin: float) -> float:
+    """evaluation.tie_margin in reward units: that fraction of the standard deviation of
+    round 0's held-out rewards (0 when they do not vary or none scored)."""
+    rewards = np.asarray(round0_rewards, dtype=float)
+    rewards = rewards[~np.isnan(rewards)]
+    return float(tie_margin * rewards.std()) if len(rewards) > 1 else 0.0
 
 
 # ---------------------------------------------------------------- length
@@ -148,27 +162,31 @@ def kl_to_reference(policy_logps, reference_logps, n_resamples: int, seed: int) 
 
 # ---------------------------------------------------------------- summaries
 def reward_summary(current: HeldOut, baseline: HeldOut | None, previous: HeldOut | None, n_resamples: int,
-                   seed: int) -> dict:
+                   seed: int, tie_margin: float = 0.0) -> dict:
     """Reward metrics of one round under one scorer.
 
     ``baseline``: round 0 on the same prompts, ``previous``: round n-1; both None
-    at round 0 (win rates are then 0.5 by definition).
+    at round 0 (win rates are then 0.5 by definition). ``tie_margin``:
+    evaluation.tie_margin, a fraction of round 0's reward standard deviation.
     """
     rewards = np.asarray(current.rewards, dtype=float)
     failed = int(np.isnan(rewards).sum())
+    reference = baseline if baseline is not None else current
+    margin = tie_margin_reward(reference.rewards, tie_margin)
     out = {
         "mean_reward": float(np.nanmean(rewards)) if failed < len(rewards) else math.nan,
         "reward_ci95": bootstrap_ci(rewards, n_resamples, seed + _SEED_OFFSETS["reward"]),
+        "tie_margin": tie_margin,
+        "tie_margin_reward": margin,
     }
     for key, other, offset in (("win_rate_vs_r0", baseline, "win_r0"),
                                ("win_rate_vs_previous", previous, "win_previous")):
         if other is None:
             rate, ci = 0.5, [0.5, 0.5]
         else:
-            rate, ci = win_rate(rewards, other.rewards, n_resamples, seed + _SEED_OFFSETS[offset])
+            rate, ci = win_rate(rewards, other.rewards, n_resamples, seed + _SEED_OFFSETS[offset], margin)
         # win_rate_ci95 (vs round 0) keeps the name the spine gave it.
         out[key], out["win_rate_ci95" if key == "win_rate_vs_r0" else f"{key}_ci95"] = rate, ci
-    reference = baseline if baseline is not None else current
     at_length = float(np.mean(reference.output_tokens)) if len(reference.output_tokens) else math.nan
     value, ci, slope = length_controlled_reward(rewards, current.output_tokens, at_length, n_resamples,
                                                 seed + _SEED_OFFSETS["length_controlled"])
@@ -178,14 +196,15 @@ def reward_summary(current: HeldOut, baseline: HeldOut | None, previous: HeldOut
 
 
 def summarize(round_n: int, current: HeldOut, policy_logps, reference_logps, finish_reasons,
-              baseline: HeldOut | None, previous: HeldOut | None, n_resamples: int, seed: int) -> dict:
+              baseline: HeldOut | None, previous: HeldOut | None, n_resamples: int, seed: int,
+              tie_margin: float = 0.0) -> dict:
     """The eval_r{n}.json metrics (docs/artifacts.md) for the training scorer's rewards."""
     tokens = np.asarray(current.output_tokens, dtype=float)
     kl, kl_ci = kl_to_reference(policy_logps, reference_logps, n_resamples, seed + _SEED_OFFSETS["kl"])
     return {
         "round": round_n,
         "num_prompts": int(len(tokens)),
-        **reward_summary(current, baseline, previous, n_resamples, seed),
+        **reward_summary(current, baseline, previous, n_resamples, seed, tie_margin),
         "mean_output_tokens": float(np.mean(tokens)) if len(tokens) else math.nan,
         "mean_output_tokens_ci95": bootstrap_ci(tokens, n_resamples, seed + _SEED_OFFSETS["length"]),
         "output_tokens_quantiles": length_quantiles(tokens),
@@ -302,11 +321,13 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
     n_resamples = ecfg["bootstrap_samples"]
     summary = summarize(round_n, _held_out(frame, "reward"), frame["policy_logp"].to_numpy(),
                         frame["reference_logp"].to_numpy(), frame["finish_reason"].to_numpy(),
-                        _held_out(baseline, "reward"), _held_out(previous, "reward"), n_resamples, seed)
+                        _held_out(baseline, "reward"), _held_out(previous, "reward"), n_resamples, seed,
+                        ecfg["tie_margin"])
     if eval_scorer is not None:
         column = "eval_scorer_reward"
         summary["eval_scorer"] = {"name": eval_scorer, **reward_summary(
-            _held_out(frame, column), _held_out(baseline, column), _held_out(previous, column), n_resamples, seed)}
+            _held_out(frame, column), _held_out(baseline, column), _held_out(previous, column), n_resamples, seed,
+            ecfg["tie_margin"])}
     summary["decoding"] = settings
     summary["backend"] = backend
     return frame, summary

@@ -325,6 +325,15 @@ def evaluation_rows(evaluations: list[dict]) -> tuple[list[str], list[list]]:
     return header, rows
 
 
+def tie_margin_text(evaluations: list[dict]) -> str:
+    """Which tie margin the win rates used, as eval_r{n}.json recorded it."""
+    recorded = next((e for e in evaluations if "tie_margin" in e), None)
+    if recorded is None:
+        return "win-rate tie margin: not recorded (strict comparison)"
+    return (f"win-rate tie margin: {recorded['tie_margin']:g} x round-0 reward std "
+            f"= {recorded['tie_margin_reward']:.4g} reward")
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= _EXAMPLE_CHARS else text[:_EXAMPLE_CHARS] + " …"
 
@@ -479,8 +488,9 @@ def plots(data: ExperimentData) -> list[tuple[str, object, str, bool]]:
                         "The same generations scored by evaluation.scorer, which training never saw. Training "
                         "reward rising while this one stays flat is reward hacking.", False))
         out.append(("Win rates", plot_win_rates(evaluations),
-                    "Per prompt 1 if this round's reward is higher, 0.5 if equal, 0 if lower, against round 0 "
-                    "and against the round before; mean over prompts with a bootstrap 95% CI.", False))
+                    "Per prompt 1 if this round's reward is higher by more than the tie margin (see the header), "
+                    "0 if lower by more than it, 0.5 otherwise, against round 0 and against the round before; "
+                    "mean over prompts with a bootstrap 95% CI.", False))
         out.append(("KL to the reference", plot_kl(evaluations),
                     "Mean over held-out prompts of log pi_n(y) - log pi_ref(y) on the round's own generation y "
                     "(docs/evaluation.md: with greedy decoding this is the log-ratio on the policy's answer).",
@@ -524,7 +534,7 @@ def build_report(results: str | Path, config: dict, benchmarks: str | Path | Non
     meta = (f"{len(data.evaluations)} evaluated rounds · held-out prompts: "
             f"{data.evaluations[0]['num_prompts'] if data.evaluations else '–'} · decoding: "
             f"{html.escape(json.dumps(decoding)) if decoding else '–'} · bootstrap resamples: "
-            f"{config['evaluation']['bootstrap_samples']} · generated {generated}")
+            f"{config['evaluation']['bootstrap_samples']} · {tie_margin_text(data.evaluations)} · generated {generated}")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>iteralign report: {html.escape(data.name)}</title>
 <style>{_CSS}</style></head>

@@ -2,7 +2,8 @@
 
 The ``prune_checkpoint`` rule calls :func:`prune_checkpoint` for round n once round n
 was evaluated and round n + keep_last finished training (its ``train_r{n+K}.jsonl``
-exists): from then on no job of the experiment reads ``ckpt_r{n}/FINAL``. What is
+exists) and the checkpoints of rounds n+1 .. n+keep_last are whole (or were deleted the
+same way): from then on no job of the experiment reads ``ckpt_r{n}/FINAL``. What is
 deleted is checked here again, whoever calls it: only a policy checkpoint of a round
 n >= 1 that lies inside ``results/<exp>``, is a real folder written by
 ``iteralign train``, and is not the user's SFT checkpoint. ``ckpt_r0`` is never
@@ -19,12 +20,13 @@ import os
 import shutil
 from pathlib import Path
 
-from iteralign.artifacts import read_sidecar
+from iteralign.artifacts import read_sidecar, sidecar_path
 from iteralign.config import experiment_dir
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # written by iteralign train into every policy checkpoint
+PRUNED_RECORD = "pruned.json"  # ckpt_r{n}/pruned.json: what retention deleted
 
 
 class RetentionError(ValueError):
@@ -56,7 +58,39 @@ def _check_request(config: dict, round_n: int, checkpoint: Path) -> Path:
     if not trained.exists():
         raise RetentionError(f"{checkpoint}: round {round_n + keep} has not finished training ({trained} is "
                              f"missing); with keep_last {keep} the checkpoint is still needed")
+    for later in range(round_n + 1, round_n + keep + 1):
+        successor = expected_checkpoint(config, later)
+        if not (checkpoint_is_complete(successor, later) or was_pruned(successor)):
+            raise RetentionError(f"{checkpoint}: round {later}'s checkpoint {successor} is not complete (missing, "
+                                 f"or without {TRAINER_STATE} of round {later} and its FINAL.meta.json); "
+                                 "a checkpoint is deleted only once the checkpoints after it are whole")
     return expected
+
+
+def checkpoint_is_complete(folder: Path, round_n: int) -> bool:
+    """Whether ``folder`` is a whole policy checkpoint of round n as `iteralign train` renames it
+    into place: a real folder with weights, trainer_state.json of that round and its sidecar."""
+    folder = Path(folder)
+    state_file = folder / TRAINER_STATE
+    if folder.is_symlink() or not state_file.is_file() or not sidecar_path(folder).is_file():
+        return False
+    if not any(folder.glob("*.safetensors")):
+        return False
+    try:
+        return json.loads(state_file.read_text()).get("round") == round_n
+    except json.JSONDecodeError:
+        return False
+
+
+def was_pruned(folder: Path) -> bool:
+    """Whether retention deleted ``folder`` (ckpt_r{n}/FINAL): its pruned.json says so and it is gone."""
+    record = Path(folder).parent / PRUNED_RECORD
+    if Path(folder).exists() or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("deleted") is True
+    except json.JSONDecodeError:
+        return False
 
 
 def _check_folder(config: dict, round_n: int, folder: Path) -> None:
@@ -87,6 +121,16 @@ def _remove_stale(folder: Path) -> None:
         shutil.rmtree(stale)
 
 
+def _forget_last_good(folder: Path) -> None:
+    """Drop the last-good store's links to a deleted checkpoint, so that its space is freed now."""
+    from iteralign.last_good import STORE
+
+    experiment = folder.parent.parent
+    stored = experiment / STORE / folder.relative_to(experiment)
+    if stored.is_dir() and not stored.is_symlink():
+        shutil.rmtree(stored)
+
+
 def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict:
     """Delete round n's policy checkpoint when that is safe; returns what was done (pruned.json).
 
@@ -97,6 +141,9 @@ def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict
     _remove_stale(folder)
     record = {"round": round_n, "checkpoint": str(folder), "keep_last": config["checkpoints"]["keep_last"]}
     if not folder.exists() and not folder.is_symlink():
+        if was_pruned(folder):  # deleted by an earlier prune: keep what that one recorded
+            log.info("round %d: %s was deleted by an earlier prune", round_n, folder)
+            return json.loads((folder.parent / PRUNED_RECORD).read_text())
         log.info("round %d: %s is already absent", round_n, folder)
         return {**record, "deleted": False, "bytes_freed": 0}
     _check_folder(config, round_n, folder)
@@ -106,5 +153,6 @@ def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict
     doomed = folder.with_name(f".{folder.name}.pruning-{os.getpid()}")
     folder.rename(doomed)
     shutil.rmtree(doomed)
+    _forget_last_good(folder)
     log.info("round %d: deleted %s (%.1f MB)", round_n, folder, size / 1e6)
     return {**record, "deleted": True, "bytes_freed": size, "sha256": meta.get("sha256")}

@@ -103,17 +103,25 @@ def run_sft(config: dict, output: str | Path, metrics_path: str | Path, provenan
     state = {"round": 0, "global_step": 0, "examples_seen": 0, "sft_steps": step,
              "sft_final_loss": rows[-1]["loss"] if rows else None}
     record = provenance.record(sft_steps=step, examples=len(encoded)) if provenance else None
-    write_jsonl(rows, metrics_path, record)
     save_checkpoint(output, model.cpu(), tokenizer, state, provenance=record)
+    write_jsonl(rows, metrics_path, record)  # after the checkpoint, as train writes them
     return state
 
 
-def link_sft(config: dict, output: str | Path, provenance=None) -> None:
-    """Point ``ckpt_r0/FINAL`` at the user's SFT checkpoint (a symlink; never copied or deleted)."""
+def link_sft(config: dict, output: str | Path, provenance=None, stamp: str | Path | None = None) -> None:
+    """Make ``ckpt_r0/FINAL`` a folder of symbolic links to the files of the user's SFT
+    checkpoint (never copied or modified).
+
+    A real folder, not one link: Snakemake keeps its ``.snakemake_timestamp`` in it, so
+    touching the user's folder does not make the experiment look out of date; its
+    content stamp (``stamp``, iteralign.external) is what re-runs link_sft when the
+    content changes. The sidecar's sha256 is the checkpoint's content hash (the
+    stamp's, when it records this folder; else hashed here).
+    """
     import json
-    import os
 
     from iteralign.artifacts import atomic_path, dir_sha256, sidecar_path
+    from iteralign.external import read_stamp
 
     source = Path(config["policy"]["sft_checkpoint"]).expanduser().resolve()
     if not source.is_dir():
@@ -123,9 +131,22 @@ def link_sft(config: dict, output: str | Path, provenance=None) -> None:
     output = Path(output)
     if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
         output.rmdir()  # an empty folder made by the workflow engine
+    stamped = read_stamp(stamp) if stamp else None
     meta = provenance.record(linked_to=str(source)) if provenance else {"linked_to": str(source)}
-    meta["sha256"] = dir_sha256(source)
+    meta["sha256"] = stamped["sha256"] if stamped and stamped["path"] == str(source) else dir_sha256(source)
     with atomic_path(sidecar_path(output)) as tmp:
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    with atomic_path(output) as tmp:
-        os.symlink(source, tmp)
+    with atomic_path(output, is_dir=True) as tmp:
+        _link_files(source, tmp)
+
+
+def _link_files(source: Path, target: Path) -> None:
+    """Mirror ``source`` under ``target``: real sub-folders, a symbolic link per file."""
+    import os
+
+    for entry in sorted(source.iterdir()):
+        if entry.is_dir():
+            (target / entry.name).mkdir()
+            _link_files(entry, target / entry.name)
+        else:
+            os.symlink(entry, target / entry.name)

@@ -461,7 +461,7 @@ def train_round(
         extra = {"round": round_n, "steps": total_steps, "examples": len(examples), "truncation": truncation,
                  "padding": padding}
         record = provenance.record(**extra) if provenance else None
-        write_jsonl(rows, metrics_path, record)
+        # The checkpoint first: a train_r{n}.jsonl on disk means ckpt_r{n}/FINAL is complete.
         save_checkpoint(
             output_checkpoint,
             accelerator.unwrap_model(model),
@@ -472,6 +472,7 @@ def train_round(
             provenance=record,
             state_dict=full_state_dict,
         )
+        write_jsonl(rows, metrics_path, record)
         tracking.log_train_steps(config, rows)
     accelerator.wait_for_everyone()
     accelerator.end_training()
