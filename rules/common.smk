@@ -9,7 +9,7 @@ from iteralign import config as iteralign_config
 from iteralign.prompts import planned_rounds
 
 
-config.update(iteralign_config.validate(config, source="workflow config"))
+config.update(iteralign_config.validate_or_exit(config, source="workflow config"))
 
 EXP = iteralign_config.experiment_dir(config)
 LOGS = Path("logs") / config["experiment"]

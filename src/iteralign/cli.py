@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from iteralign.errors import UserError, user_message
+
 log = logging.getLogger("iteralign")
 
 
@@ -21,11 +23,15 @@ def _setup_logging(level: str) -> None:
 
     if not is_main_process():  # the other processes of an `accelerate launch` only warn
         level = "warning"
+    from iteralign.redaction import RedactingFilter
+
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:  # every log line passes the secret filter
+        handler.addFilter(RedactingFilter())
     for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -39,10 +45,17 @@ def _log_job_environment(step: str) -> None:
     log.info("%s: job environment %s", step, json.dumps(job_environment(), sort_keys=True))
 
 
+# Steps that read no scorer leave its environment (reward module, API key) unchecked.
+_STEPS_WITHOUT_SCORER = ("feedback", "reference", "train", "prune", "report")
+
+
 def _config(args):
     from iteralign import config as cfg
 
-    return cfg.load(args.config)
+    config = cfg.load(args.config)
+    if args.step not in _STEPS_WITHOUT_SCORER:
+        cfg.check_environment(config, args.config)
+    return config
 
 
 def _provenance(step: str, config: dict, inputs: dict):
@@ -65,10 +78,14 @@ def cmd_plan(args) -> None:
     from iteralign.prompts import load_prompts, plan_rounds
 
     config = _config(args)
+    prompts = load_prompts(config)  # first: a missing or bad source is named with its key
     prov = _provenance("plan", config, {"source": None if config["prompts"]["source"].startswith("demo:")
                                         else config["prompts"]["source"]})
-    prompts = load_prompts(config)
     plan = plan_rounds(prompts, config)
+    if config["policy"]["sft_checkpoint"]:  # its tokenizer is known now: check the prompts before any job
+        from iteralign.sample import check_planned_prompts
+
+        check_planned_prompts(config["policy"]["sft_checkpoint"], plan, config, config["prompts"]["source"])
     rounds = int(plan["round"].max())
     log.info("plan: %d distinct prompts, %d eval, %d rounds of up to %d", len(prompts),
              (plan["split"] == "eval").sum(), rounds, config["prompts"]["per_round"])
@@ -103,14 +120,15 @@ def cmd_sample(args) -> None:
     plan = read_parquet(args.prompts)
     todo = plan[(plan["split"] == "train") & (plan["round"] == args.round)]
     if todo.empty:
-        raise ValueError(f"{args.prompts}: no training prompts planned for round {args.round}")
+        raise UserError(f"{args.prompts}: no training prompts planned for round {args.round}")
     scfg = config["sampling"]
     seed = config["seed"] * 1_000_003 + args.round
     prompts = [messages_from_cell(p) for p in todo["prompt"]]
     decoding = {k: scfg[k] for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "stop")}
     log.info("round %d: sampling %d x %d completions from %s", args.round, len(prompts), scfg["num_samples"],
              args.checkpoint)
-    generation = generate(args.checkpoint, prompts, decoding, config, seed, progress=f"sample r{args.round}")
+    generation = generate(args.checkpoint, prompts, decoding, config, seed, progress=f"sample r{args.round}",
+                          prompt_ids=[f"{pid} ({args.prompts})" for pid in todo["prompt_id"]])
     frame = sample_frame(args.round, list(todo["prompt_id"]), prompts, generation.texts, generation.completions,
                          args.checkpoint, seed)
     write_parquet(frame, args.output, prov.record(round=args.round, backend=generation.backend, rows=len(frame)))
@@ -146,25 +164,35 @@ def cmd_score(args) -> None:
 
 def cmd_feedback(args) -> None:
     from iteralign.artifacts import check_columns, read_parquet, write_json
-    from iteralign.feedback import build_feedback
+    from iteralign.feedback import build_feedback, check_finite_sample_rewards
     from iteralign.prompts import messages_from_cell
 
     config = _config(args)
     prov = _provenance("feedback", config, {"samples": args.samples, "rewards": args.rewards})
     samples, rewards = read_parquet(args.samples), read_parquet(args.rewards)
     check_columns(rewards, ["prompt_id", "sample_id", "reward"], args.rewards)
+    repeated = rewards[rewards.duplicated(["prompt_id", "sample_id"])]
+    if not repeated.empty:
+        first = repeated.iloc[0]
+        raise UserError(f"{args.rewards}: prompt_id {first['prompt_id']} sample_id {first['sample_id']} appears "
+                        f"more than once ({len(repeated)} repeated rows); expected one row per sample")
     merged = samples.merge(rewards[["prompt_id", "sample_id", "reward"]], on=["prompt_id", "sample_id"],
                            how="left", validate="one_to_one")
     if len(merged) != len(rewards):
-        raise ValueError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
+        raise UserError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
                          "they must describe the same samples")
     records = [
         {"prompt_id": r.prompt_id, "sample_id": int(r.sample_id), "prompt": messages_from_cell(r.prompt),
          "output": r.output, "reward": float(r.reward)}
         for r in merged.itertuples(index=False)
     ]
+    check_finite_sample_rewards(records, args.rewards)
     items, stats = build_feedback(records, config, args.round)
     log.info("round %d: %s feedback: %s", args.round, config["feedback"]["type"], stats)
+    if not items:
+        raise UserError(f"{args.rewards}: round {args.round} gives no {config['feedback']['type']} feedback "
+                        f"items ({stats}); expected at least one to train on",
+                        hint="sample more (sampling.num_samples) or relax the feedback threshold")
     write_json(items, args.output, prov.record(round=args.round, stats=stats))
 
 
@@ -205,7 +233,7 @@ def cmd_evaluate(args) -> None:
                                             "reference_checkpoint": args.reference_checkpoint,
                                             "baseline": args.baseline, "previous": args.previous})
     if args.round > 0 and (args.baseline is None or args.previous is None):
-        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
+        raise UserError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
                          "(eval_r{n-1}.parquet) for the win rates")
     plan = read_parquet(args.prompts)
     eval_ids = plan.loc[plan["split"] == "eval", "prompt_id"]
@@ -360,12 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         _log_job_environment(args.step)
     try:
         status = args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
-        # Input a user can fix (ConfigError, PromptError, FeedbackError and RetentionError are
-        # ValueErrors): one line naming the problem. Anything else keeps its traceback.
+    except (UserError, FileNotFoundError) as exc:
+        # Input a user can fix (errors.py): one line naming the problem, and a hint line
+        # when there is one. Anything else is a bug and keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise
-        print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
+        print(user_message(args.step, exc), file=sys.stderr)
         return 2
     return status or 0
 

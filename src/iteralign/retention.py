@@ -21,13 +21,14 @@ from pathlib import Path
 
 from iteralign.artifacts import read_sidecar
 from iteralign.config import experiment_dir
+from iteralign.errors import UserError
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # written by iteralign train into every policy checkpoint
 
 
-class RetentionError(ValueError):
+class RetentionError(UserError):
     """A request to delete something that retention must never delete."""
 
 
