@@ -61,6 +61,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_si
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    check_config_json(path)
     if not trust_remote_code:  # remote code may build its tokenizer from files of its own
         check_tokenizer_files(path)
     try:
@@ -91,6 +92,17 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=None
     return model
 
 
+def check_config_json(path: Path) -> None:
+    """A checkpoint's config.json, when it has one, is valid JSON (else UserError naming it)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc})", hint=_RECREATE.format(path=path)) from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -101,10 +113,7 @@ def load_pretrained(auto_class, path: Path, **kwargs):
     from safetensors import SafetensorError
 
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    try:
-        json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})", hint=_RECREATE.format(path=path)) from None
+    check_config_json(path)
     if not weights:
         raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin); expected a saved model",
                         hint=_RECREATE.format(path=path))

@@ -76,5 +76,5 @@ class PythonScorer:
                 errors.append(None)
             else:  # NaN, +inf and -inf: this sample failed (docs/scoring.md)
                 rewards.append(math.nan)
-                errors.append(f"{self.spec} returned {value}")
+                errors.append(f"{self.spec} returned {'NaN' if math.isnan(value) else value}")
         return ScoreResult(rewards, errors)
