@@ -395,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(user_message(args.step, exc), file=sys.stderr)
         return 2
+    except Exception:  # a bug: its traceback, with any secret in it redacted
+        if os.environ.get("ITERALIGN_DEBUG"):
+            raise
+        import traceback
+
+        from iteralign.redaction import redact
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
     return status or 0
 
 
