@@ -1,11 +1,14 @@
 """Bad inputs: one line (plus a hint) on stderr, exit code 2, the right file/row/key, nothing lost.
 
-One micro run (2 rounds) is built once per session by Snakemake; each case copies it,
-damages one thing, and runs the ``iteralign <step>`` that reads it, in this process
-(``cli.main``; the rules run the same function). Config defects that can be known at
-parse time must fail there: through ``iteralign plan`` (the first step) and, for a few,
-through ``snakemake -n``. After every case, every artefact that was complete before the
-run is still there, byte for byte.
+One micro run (2 rounds, up to round 2's reference log-probs) is built once per session
+by Snakemake; each case copies it, damages one thing, and runs the ``iteralign <step>``
+that reads it, in this process (``cli.main``; the rules run the same function). Config
+defects that can be known at parse time must fail there: in ``iteralign plan`` (the
+first step) and, for a few, in Snakemake's parse of the Snakefile. After every case,
+every artefact that was complete before the run is still there, byte for byte.
+
+``ITERALIGN_MATRIX_RECORD=<file>`` appends one JSON line per case (its class: clear,
+traceback, late, accepted or unclear; what was lost) for a before/after count.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _config(**sections) -> dict:
 
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory) -> Path:
-    """A finished 2-round micro run (Snakemake), never changed: cases work on copies."""
+    """A 2-round micro run (Snakemake) up to round 2's reference log-probs, never changed: cases work on copies."""
     from reward_models import save_classifier
 
     workdir = tmp_path_factory.mktemp("bad_inputs") / "run"
@@ -49,7 +52,8 @@ def micro_run(tmp_path_factory) -> Path:
     (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
     write_reward_module(workdir)
     result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                             "--configfile", str(workdir / "config.yaml"), "--cores", "2"],
+                             "--configfile", str(workdir / "config.yaml"), "--cores", "2",
+                             f"{EXP}/reflogps_r2.parquet"],  # every file a case reads; no evaluation
                             capture_output=True, text=True, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     from iteralign.modeling import load_tokenizer
@@ -386,6 +390,8 @@ CASES = [
          damage=edit_table(f"{EXP}/rewards_r1.parquet", lambda f: f.iloc[:-3])),
     Case("rewards-duplicate-rows", step("feedback"), [f"{EXP}/rewards_r1.parquet", "prompt_id"],
          damage=edit_table(f"{EXP}/rewards_r1.parquet", lambda f: pd.concat([f, f.iloc[:1]]))),
+    Case("rewards-all-equal-give-no-pairs", step("feedback"), [f"{EXP}/rewards_r1.parquet", "no pairwise feedback"],
+         damage=edit_table(f"{EXP}/rewards_r1.parquet", lambda f: f.assign(reward=0.5))),
     Case("rewards-plus-inf", step("feedback"), [f"{EXP}/rewards_r1.parquet", "prompt_id", "sample_id", "inf"],
          damage=edit_table(f"{EXP}/rewards_r1.parquet", _with_reward(float("inf")))),
     Case("rewards-minus-inf", step("feedback"), [f"{EXP}/rewards_r1.parquet", "prompt_id", "sample_id", "inf"],

@@ -164,23 +164,24 @@ def cmd_score(args) -> None:
 
 def cmd_feedback(args) -> None:
     from iteralign.artifacts import check_columns, read_parquet, write_json
-    from iteralign.feedback import build_feedback, check_finite_sample_rewards
+    from iteralign.feedback import (
+        build_feedback,
+        check_finite_sample_rewards,
+        check_one_row_per_sample,
+        check_some_feedback,
+    )
     from iteralign.prompts import messages_from_cell
 
     config = _config(args)
     prov = _provenance("feedback", config, {"samples": args.samples, "rewards": args.rewards})
     samples, rewards = read_parquet(args.samples), read_parquet(args.rewards)
     check_columns(rewards, ["prompt_id", "sample_id", "reward"], args.rewards)
-    repeated = rewards[rewards.duplicated(["prompt_id", "sample_id"])]
-    if not repeated.empty:
-        first = repeated.iloc[0]
-        raise UserError(f"{args.rewards}: prompt_id {first['prompt_id']} sample_id {first['sample_id']} appears "
-                        f"more than once ({len(repeated)} repeated rows); expected one row per sample")
+    check_one_row_per_sample(rewards, args.rewards)
     merged = samples.merge(rewards[["prompt_id", "sample_id", "reward"]], on=["prompt_id", "sample_id"],
                            how="left", validate="one_to_one")
     if len(merged) != len(rewards):
         raise UserError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
-                         "they must describe the same samples")
+                        "they must describe the same samples")
     records = [
         {"prompt_id": r.prompt_id, "sample_id": int(r.sample_id), "prompt": messages_from_cell(r.prompt),
          "output": r.output, "reward": float(r.reward)}
@@ -189,10 +190,7 @@ def cmd_feedback(args) -> None:
     check_finite_sample_rewards(records, args.rewards)
     items, stats = build_feedback(records, config, args.round)
     log.info("round %d: %s feedback: %s", args.round, config["feedback"]["type"], stats)
-    if not items:
-        raise UserError(f"{args.rewards}: round {args.round} gives no {config['feedback']['type']} feedback "
-                        f"items ({stats}); expected at least one to train on",
-                        hint="sample more (sampling.num_samples) or relax the feedback threshold")
+    check_some_feedback(items, stats, args.rewards)
     write_json(items, args.output, prov.record(round=args.round, stats=stats))
 
 
@@ -234,7 +232,7 @@ def cmd_evaluate(args) -> None:
                                             "baseline": args.baseline, "previous": args.previous})
     if args.round > 0 and (args.baseline is None or args.previous is None):
         raise UserError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
-                         "(eval_r{n-1}.parquet) for the win rates")
+                        "(eval_r{n-1}.parquet) for the win rates")
     plan = read_parquet(args.prompts)
     eval_ids = plan.loc[plan["split"] == "eval", "prompt_id"]
     decoding = decoding_settings(config)

@@ -222,11 +222,11 @@ def check_comparable(other, other_path: str, prompt_ids, decoding: dict, recorde
         for key, value in decoding.items():
             if key in recorded_decoding and recorded_decoding[key] != value:
                 raise UserError(f"{other_path}: evaluated with {key}={recorded_decoding[key]!r}, this round with "
-                                 f"{key}={value!r}; rounds must share decoding settings (re-run it with --forcerun)")
+                                f"{key}={value!r}; rounds must share decoding settings (re-run it with --forcerun)")
     for column in needs_columns:
         if column not in other.columns:
             raise UserError(f"{other_path}: no column {column!r} (it was evaluated without evaluation.scorer); "
-                             "re-run it with --forcerun so that every round has the same scorers")
+                            "re-run it with --forcerun so that every round has the same scorers")
 
 
 def _held_out(frame, column: str) -> HeldOut | None:

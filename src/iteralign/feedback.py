@@ -365,6 +365,25 @@ def check_pair_label(item: dict, where: str) -> None:
         )
 
 
+def check_one_row_per_sample(rewards, path: str | Path) -> None:
+    """A rewards table has one row per (prompt_id, sample_id)."""
+    repeated = rewards[rewards.duplicated(["prompt_id", "sample_id"])]
+    if not repeated.empty:
+        first = repeated.iloc[0]
+        raise FeedbackError(f"{path}: prompt_id {first['prompt_id']} sample_id {first['sample_id']} appears more "
+                            f"than once ({len(repeated)} repeated rows); expected one row per sample")
+
+
+def check_some_feedback(items: list[dict], stats: dict, rewards_path: str | Path) -> None:
+    """A round's feedback has at least one item: an empty file would train on nothing, silently."""
+    if not items:
+        raise FeedbackError(
+            f"{rewards_path}: these rewards give no {stats['type']} feedback items ({stats}); "
+            "expected at least one to train on",
+            hint="sample more (sampling.num_samples) or relax the feedback threshold",
+        )
+
+
 def check_finite_sample_rewards(records: list[dict], path: str | Path) -> None:
     """Refuse +inf/-inf rewards in a rewards table: a scorer marks those failed (NaN), so the file was changed."""
     for record in records:
