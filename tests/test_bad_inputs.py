@@ -529,7 +529,7 @@ def test_bad_input_fails_with_one_line_naming_it_and_loses_nothing(case, micro_r
     record = os.environ.get("ITERALIGN_MATRIX_RECORD")
     if record:  # counting mode: one JSON line per case, for the before/after table
         with open(record, "a") as handle:
-            handle.write(json.dumps({"case": case.id, "class": classify(case, outcome),
+            handle.write(json.dumps({"case": case.id, "stage": case.argv[0], "class": classify(case, outcome),
                                      "lost": outcome.lost, "code": outcome.code,
                                      "stderr": outcome.stderr[-600:]}) + "\n")
     assert not outcome.traceback, outcome.stderr[-3000:]
