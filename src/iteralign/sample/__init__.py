@@ -93,13 +93,14 @@ def encode_prompt(tokenizer, text: str, prompt: list[dict], where: str) -> list[
     return ids
 
 
-def fit_prompts(tokenizer, texts: list[str], prompts: list[list[dict]], where: list[str], room: int,
+def fit_prompts(tokenizer, texts: list[str], prompts: list[list[dict]], where: list[str], room: int | None,
                 mode: str) -> list[str]:
-    """Check every prompt encodes and fits ``room`` tokens; ``mode`` (sampling.long_prompts) error or truncate."""
+    """Check every prompt encodes and fits ``room`` tokens (None: any length); ``mode``
+    (sampling.long_prompts) says whether a longer one is an error or truncated to its last tokens."""
     fitted = []
     for text, prompt, name in zip(texts, prompts, where, strict=True):
         ids = encode_prompt(tokenizer, text, prompt, name)
-        if len(ids) <= room:
+        if room is None or len(ids) <= room:
             fitted.append(text)
         elif mode == "truncate":
             log.warning("%s: prompt of %d tokens truncated to its last %d (sampling.long_prompts: truncate)",
@@ -135,8 +136,7 @@ def check_planned_prompts(checkpoint: str, plan, config: dict, source: str) -> N
     texts = [render_prompt(tokenizer, p) for p in prompts]
     where = [f"{source}: prompt_id {pid}" for pid in plan["prompt_id"]]
     max_new_tokens = max(config["sampling"]["max_new_tokens"], config["evaluation"]["max_new_tokens"])
-    room = prompt_room(checkpoint, max_new_tokens)
-    fit_prompts(tokenizer, texts, prompts, where, room if room is not None else 10**9,
+    fit_prompts(tokenizer, texts, prompts, where, prompt_room(checkpoint, max_new_tokens),
                 config["sampling"]["long_prompts"])
 
 
@@ -154,8 +154,7 @@ def generate(checkpoint: str, prompts: list[list[dict]], decoding: dict, config:
     tokenizer = load_tokenizer(checkpoint, trust, padding_side="left")
     texts = [render_prompt(tokenizer, p) for p in prompts]
     where = [f"prompt_id {pid}" for pid in prompt_ids] if prompt_ids else [f"prompt {i}" for i in range(len(prompts))]
-    room = prompt_room(checkpoint, decoding["max_new_tokens"])
-    texts = fit_prompts(tokenizer, texts, prompts, where, room if room is not None else 10**9,
+    texts = fit_prompts(tokenizer, texts, prompts, where, prompt_room(checkpoint, decoding["max_new_tokens"]),
                         config["sampling"]["long_prompts"])
     if backend == "vllm":
         from iteralign.sample import vllm as vllm_backend
