@@ -432,8 +432,9 @@ def iteralign_command(step):
 
 def check_vllm_environment():
     if uses_vllm_environment("sample") and not Path(vllm_python()).is_file():
-        raise ValueError(f"sampling.backend is 'vllm' but the vLLM environment's Python {vllm_python()} does not "
-                         "exist: build it with `make vllm`, set sampling.vllm_python, or use --sdm conda")
+        raise iteralign_config.ConfigError(
+            f"sampling.backend is 'vllm' but the vLLM environment's Python {vllm_python()} does not exist",
+            hint="build it with `make vllm`, set sampling.vllm_python, or use --sdm conda")
 
 
 iteralign_config.exit_on_input_error(check_vllm_environment)

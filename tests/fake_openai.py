@@ -5,6 +5,10 @@ after "RESPONSE: " in the user message) and by how many times that completion
 was asked before: ``behaviour(completion, attempt) -> Action``. The server
 records every request (completion, attempt, headers, arrival time) and the most
 requests it ever had in flight at once.
+
+An echoing server: ``ECHO`` anywhere in an action's content, body or header values is
+replaced by the bearer token the request carried, as a misbehaving endpoint would
+repeat the caller's API key back.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ class Action:
     body: bytes | None = None  # a raw body instead (malformed JSON, error bodies)
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering
+
+
+ECHO = "{echo-the-key}"
 
 
 def reply(text: str) -> Action:
@@ -88,7 +95,7 @@ class FakeJudge:
                 try:
                     action = judge.behaviour(request.completion, request.attempt)
                     time.sleep(action.delay)
-                    self._send(action, body)
+                    self._send(_echoed(action, request.authorization), body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) before the answer
                 finally:
@@ -120,3 +127,15 @@ class FakeJudge:
                 pass
 
         return Handler
+
+
+def _echoed(action: Action, authorization: str | None) -> Action:
+    """The action with ECHO replaced by the request's bearer token."""
+    token = (authorization or "").removeprefix("Bearer ")
+    return Action(
+        status=action.status,
+        content=action.content.replace(ECHO, token) if action.content is not None else None,
+        body=action.body.replace(ECHO.encode(), token.encode()) if action.body is not None else None,
+        headers={name: value.replace(ECHO, token) for name, value in action.headers.items()},
+        delay=action.delay,
+    )

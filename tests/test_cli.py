@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import yaml
-from conftest import micro_config, run_cli
+from conftest import micro_config, run_cli, write_reward_module
 
 
 def write_config(tmp_path, config):
@@ -28,10 +28,11 @@ def test_bad_prompt_row_is_named_and_the_existing_plan_survives(tmp_path):
     source.write_text("\n".join(json.dumps({"prompt": f"q{i}"}) for i in range(40)) + "\n")
     config = micro_config(prompts={"source": str(source), "per_round": 10})
     cfg_path, plan = write_config(tmp_path, config), tmp_path / "prompts.parquet"
-    run_cli("plan", "--config", cfg_path, "--output", str(plan))
+    write_reward_module(tmp_path)  # the config's scorer, checked by every step that reads it
+    run_cli("plan", "--config", cfg_path, "--output", str(plan), cwd=tmp_path)
     before = plan.read_bytes()
     source.write_text(source.read_text() + json.dumps({"question": "no prompt field"}) + "\n")
-    result = run_cli("plan", "--config", cfg_path, "--output", str(plan), check=False)
+    result = run_cli("plan", "--config", cfg_path, "--output", str(plan), cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert f"{source} record 40: field 'prompt' is missing" in result.stderr
     assert plan.read_bytes() == before

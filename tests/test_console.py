@@ -87,7 +87,7 @@ def test_a_config_typo_is_one_line_first_through_snakemake(tmp_path):
     result = venv_snakemake(workdir, "-n")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Using workflow specific profile")]
-    assert len(lines) == 1 and lines[0].startswith(f"iteralign: {workdir / 'config.yaml'}: key training.lrr: unknown")
+    assert len(lines) == 1 and lines[0].startswith(f"iteralign workflow: error: {workdir / 'config.yaml'}: key training.lrr: unknown")
     assert "known keys here: accelerate_config, " in lines[0] and result.stdout == ""
 
 

@@ -77,7 +77,8 @@ def test_the_same_policy_again_ties_round_zero_and_has_zero_kl(evaluated):
 
 def test_a_round_decoded_differently_is_refused_before_generating(evaluated, tiny_checkpoint, capsys):
     other = write_config(evaluated, "shorter.yaml", max_new_tokens=4, scorer=JUDGE_SCORER)
-    assert main(evaluate_args(evaluated, other, 2, tiny_checkpoint)) == 2
+    with inside(evaluated):  # beside its reward modules, which the config check imports
+        assert main(evaluate_args(evaluated, other, 2, tiny_checkpoint)) == 2
     assert "eval_r0.parquet: evaluated with max_new_tokens=5, this round with max_new_tokens=4" in capsys.readouterr().err
     assert not (evaluated / "eval_r2.json").exists()
 

@@ -75,3 +75,31 @@ def test_tokenizer_without_template_gets_the_default(tmp_path, tiny_checkpoint):
     assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     text = render_prompt(tokenizer, [{"role": "user", "content": "hi"}])
     assert text.endswith("User: hi\n\nAssistant:")
+
+
+LONG = [[{"role": "user", "content": "1+2" * 100}], [{"role": "user", "content": "3+4"}]]
+GREEDY = {"num_samples": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 4, "stop": []}
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_it(tiny_checkpoint):
+    from iteralign.config import validate
+    from iteralign.errors import UserError
+    from iteralign.sample import generate
+
+    with pytest.raises(UserError, match=r"prompt_id long-one: prompt of \d+ tokens .* expected at most 60"):
+        generate(str(tiny_checkpoint), LONG, GREEDY, validate({"sampling": {"backend": "hf"}}), seed=0,
+                 prompt_ids=["long-one", "short-one"])
+
+
+def test_long_prompts_truncate_keeps_the_last_tokens_that_fit(tiny_checkpoint):
+    from iteralign.config import validate
+    from iteralign.sample import generate
+
+    config = validate({"sampling": {"backend": "hf", "long_prompts": "truncate"}})
+    generation = generate(str(tiny_checkpoint), LONG, GREEDY, config, seed=0)
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    full = render_prompt(tokenizer, LONG[0])
+    kept = tokenizer(generation.texts[0], add_special_tokens=False).input_ids
+    assert len(tokenizer(full, add_special_tokens=False).input_ids) > 60 >= len(kept)  # 64 positions - 4 new
+    assert full.endswith(generation.texts[0]) and generation.texts[1] == render_prompt(tokenizer, LONG[1])
+    assert [len(c) for c in generation.completions] == [1, 1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, micro_config
+from conftest import REPO, micro_config, write_reward_module
 
 pytestmark = pytest.mark.workflow
 BIN = Path(sys.executable).parent
@@ -20,6 +20,7 @@ def dry_run(workdir: Path, **sections) -> dict[str, list[str]]:
     """Shell commands of a dry run, by rule name."""
     workdir.mkdir(parents=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
+    write_reward_module(workdir)  # the config names micro_rewards:graded, checked at parse time
     result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                              "--configfile", str(workdir / "config.yaml"), "-n", "-p", "--cores", "2"],
                             capture_output=True, text=True)

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from iteralign.errors import UserError
+
 PROVENANCE_KEY = b"iteralign"
 _HASH_CHUNK = 1 << 20
 
@@ -117,6 +119,9 @@ class Provenance:
         from iteralign import __version__
         from iteralign.cluster import job_environment
 
+        missing = [f"{p} (input {name})" for name, p in inputs.items() if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(f"{step}: {missing[0]} does not exist")
         self.step = step
         self.started = _now()
         self._t0 = time.monotonic()
@@ -135,13 +140,15 @@ class Provenance:
         }
 
     def record(self, **extra: Any) -> dict:
-        return {
+        from iteralign.redaction import redact_tree
+
+        return redact_tree({
             **self.base,
             "started": self.started,
             "finished": _now(),
             "seconds": round(time.monotonic() - self._t0, 3),
             **extra,
-        }
+        })
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -264,19 +271,25 @@ def atomic_dir(path: str | Path, provenance: dict | None = None) -> Iterator[Pat
 
 def read_parquet(path: str | Path, columns: list[str] | None = None):
     import pandas as pd
+    import pyarrow as pa
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    return pd.read_parquet(path, columns=columns)
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: damaged table, not a readable Parquet file ({str(exc).strip()[:160]})",
+                        hint=f"re-create {path.name} by re-running the step that wrote it "
+                        "(snakemake --forcerun <the file>)") from None
 
 
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -287,14 +300,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: line {line_no} is not valid JSON ({exc})") from None
+                    raise UserError(f"{path}: line {line_no} is not valid JSON ({exc})") from None
     return rows
 
 
 def check_columns(frame, required: list[str], path: str | Path) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{path}: missing column(s) {missing}; found {list(frame.columns)}, expected at least {required}"
         )
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from iteralign import tracking
+from iteralign.errors import UserError, user_message
 
 log = logging.getLogger("iteralign")
 
@@ -24,11 +25,15 @@ def _setup_logging(level: str) -> None:
 
     if not is_main_process():  # the other processes of an `accelerate launch` only warn
         level = "warning"
+    from iteralign.redaction import RedactingFilter
+
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for handler in logging.getLogger().handlers:  # every log line passes the secret filter
+        handler.addFilter(RedactingFilter())
     for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -42,11 +47,18 @@ def _log_job_environment(step: str) -> None:
     log.info("%s: job environment %s", step, json.dumps(job_environment(), sort_keys=True))
 
 
+# Steps that read no scorer leave its environment (reward module, API key) unchecked.
+_STEPS_WITHOUT_SCORER = ("feedback", "reference", "train", "prune", "report")
+
+
 def _config(args):
     from iteralign import config as cfg
 
-    args.loaded_config = cfg.load(args.config)  # kept for the job's tracking (main)
-    return args.loaded_config
+    config = cfg.load(args.config)
+    if args.step not in _STEPS_WITHOUT_SCORER:
+        cfg.check_environment(config, args.config)
+    args.loaded_config = config  # kept for the job's tracking (main)
+    return config
 
 
 def _provenance(step: str, config: dict, inputs: dict):
@@ -69,10 +81,14 @@ def cmd_plan(args) -> None:
     from iteralign.prompts import load_prompts, plan_rounds
 
     config = _config(args)
+    prompts = load_prompts(config)  # first: a missing or bad source is named with its key
     prov = _provenance("plan", config, {"source": None if config["prompts"]["source"].startswith("demo:")
                                         else config["prompts"]["source"]})
-    prompts = load_prompts(config)
     plan = plan_rounds(prompts, config)
+    if config["policy"]["sft_checkpoint"]:  # its tokenizer is known now: check the prompts before any job
+        from iteralign.sample import check_planned_prompts
+
+        check_planned_prompts(config["policy"]["sft_checkpoint"], plan, config, config["prompts"]["source"])
     rounds = int(plan["round"].max())
     log.info("plan: %d distinct prompts, %d eval, %d rounds of up to %d", len(prompts),
              (plan["split"] == "eval").sum(), rounds, config["prompts"]["per_round"])
@@ -108,14 +124,15 @@ def cmd_sample(args) -> None:
     plan = read_parquet(args.prompts)
     todo = plan[(plan["split"] == "train") & (plan["round"] == args.round)]
     if todo.empty:
-        raise ValueError(f"{args.prompts}: no training prompts planned for round {args.round}")
+        raise UserError(f"{args.prompts}: no training prompts planned for round {args.round}")
     scfg = config["sampling"]
     seed = config["seed"] * 1_000_003 + args.round
     prompts = [messages_from_cell(p) for p in todo["prompt"]]
     decoding = {k: scfg[k] for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "stop")}
     log.info("round %d: sampling %d x %d completions from %s", args.round, len(prompts), scfg["num_samples"],
              args.checkpoint)
-    generation = generate(args.checkpoint, prompts, decoding, config, seed, progress=f"sample r{args.round}")
+    generation = generate(args.checkpoint, prompts, decoding, config, seed, progress=f"sample r{args.round}",
+                          prompt_ids=[f"{pid} ({args.prompts})" for pid in todo["prompt_id"]])
     frame = sample_frame(args.round, list(todo["prompt_id"]), prompts, generation.texts, generation.completions,
                          args.checkpoint, seed)
     write_parquet(frame, args.output, prov.record(round=args.round, backend=generation.backend, rows=len(frame)))
@@ -151,25 +168,33 @@ def cmd_score(args) -> None:
 
 def cmd_feedback(args) -> None:
     from iteralign.artifacts import check_columns, read_parquet, write_json
-    from iteralign.feedback import build_feedback
+    from iteralign.feedback import (
+        build_feedback,
+        check_finite_sample_rewards,
+        check_one_row_per_sample,
+        check_some_feedback,
+    )
     from iteralign.prompts import messages_from_cell
 
     config = _config(args)
     prov = _provenance("feedback", config, {"samples": args.samples, "rewards": args.rewards})
     samples, rewards = read_parquet(args.samples), read_parquet(args.rewards)
     check_columns(rewards, ["prompt_id", "sample_id", "reward"], args.rewards)
+    check_one_row_per_sample(rewards, args.rewards)
     merged = samples.merge(rewards[["prompt_id", "sample_id", "reward"]], on=["prompt_id", "sample_id"],
                            how="left", validate="one_to_one")
     if len(merged) != len(rewards):
-        raise ValueError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
-                         "they must describe the same samples")
+        raise UserError(f"{args.rewards} has {len(rewards)} rows but {args.samples} has {len(samples)}; "
+                        "they must describe the same samples")
     records = [
         {"prompt_id": r.prompt_id, "sample_id": int(r.sample_id), "prompt": messages_from_cell(r.prompt),
          "output": r.output, "reward": float(r.reward)}
         for r in merged.itertuples(index=False)
     ]
+    check_finite_sample_rewards(records, args.rewards)
     items, stats = build_feedback(records, config, args.round)
     log.info("round %d: %s feedback: %s", args.round, config["feedback"]["type"], stats)
+    check_some_feedback(items, stats, args.rewards)
     write_json(items, args.output, prov.record(round=args.round, stats=stats))
     tracking.log_round(config, "feedback", args.round, stats)
 
@@ -211,8 +236,8 @@ def cmd_evaluate(args) -> None:
                                             "reference_checkpoint": args.reference_checkpoint,
                                             "baseline": args.baseline, "previous": args.previous})
     if args.round > 0 and (args.baseline is None or args.previous is None):
-        raise ValueError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
-                         "(eval_r{n-1}.parquet) for the win rates")
+        raise UserError("evaluate: rounds after 0 need --baseline (eval_r0.parquet) and --previous "
+                        "(eval_r{n-1}.parquet) for the win rates")
     plan = read_parquet(args.prompts)
     eval_ids = plan.loc[plan["split"] == "eval", "prompt_id"]
     decoding = decoding_settings(config)
@@ -427,13 +452,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.func(args)
         _track_job_seconds(args, time.monotonic() - started)
-    except (FileNotFoundError, ValueError) as exc:
-        # Input a user can fix (ConfigError, PromptError, FeedbackError and RetentionError are
-        # ValueErrors): one line naming the problem. Anything else keeps its traceback.
+    except (UserError, FileNotFoundError) as exc:
+        # Input a user can fix (errors.py): one line naming the problem, and a hint line
+        # when there is one. Anything else is a bug and keeps its traceback.
         if os.environ.get("ITERALIGN_DEBUG"):
             raise
-        print(f"iteralign {args.step}: error: {exc}", file=sys.stderr)
+        print(user_message(args.step, exc), file=sys.stderr)
         return 2
+    except Exception:  # a bug: its traceback, with any secret in it redacted
+        if os.environ.get("ITERALIGN_DEBUG"):
+            raise
+        import traceback
+
+        from iteralign.redaction import redact
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
     finally:
         tracking.close()
     return status or 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import sys
 from importlib import resources
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from iteralign.errors import UserError
+from iteralign.redaction import register_secret_env, secret_env_names
 
 SCHEMA_PATH = Path(str(resources.files("iteralign") / "schemas" / "config.schema.yaml"))
 
@@ -26,7 +30,7 @@ SCHEMA_PATH = Path(str(resources.files("iteralign") / "schemas" / "config.schema
 _HASH_EXCLUDED = ("resources", "checkpoints", "tracking")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that does not match the schema or is inconsistent."""
 
 
@@ -135,24 +139,63 @@ def validate(config: dict, source: str = "config") -> dict:
                 lines.append(f"{source}: key {key}: found {found}: {error.message}")
         raise ConfigError("\n  ".join(lines))  # the first line names the first key
     _check_consistency(completed, source)
+    for name in secret_env_names(completed):  # their values are redacted from everything written
+        register_secret_env(name)
     return completed
 
 
-def exit_on_input_error(function, *args, errors: tuple[type[Exception], ...] = (ValueError,)):
-    """``function(*args)``, or, when it raises one of ``errors`` (input a user can fix), that message on
-    stderr and exit status 2: what the Snakefile calls at parse time, so that Snakemake prints
-    neither the schema nor a traceback around it."""
+def exit_on_input_error(function, *args, errors: tuple[type[Exception], ...] = (UserError,)):
+    """``function(*args)``, or, when it raises one of ``errors`` (input a user can fix), the CLI's one
+    line (and hint) on stderr and exit status 2: what the Snakefile calls at parse time, so that
+    Snakemake prints neither the schema nor a traceback around it."""
+    from iteralign.errors import user_message
+
     try:
         return function(*args)
     except errors as exc:
-        print(f"iteralign: {exc}", file=sys.stderr)
+        print(user_message("workflow", exc), file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def validate_workflow_config(config: dict, configfiles: list) -> dict:
-    """The Snakefile's config validated and completed (validate()), its errors naming the config files."""
+    """The Snakefile's config validated and completed (validate()), and what it names outside itself
+    checked (check_environment()), its errors naming the config files."""
     source = ", ".join(str(path) for path in configfiles) or "config.yaml"
-    return exit_on_input_error(validate, config, source, errors=(ConfigError,))
+    completed = exit_on_input_error(validate, config, source)
+    exit_on_input_error(check_environment, completed, source)
+    return completed
+
+
+def scorer_sections(config: dict) -> list[tuple[str, dict]]:
+    """(key, section) of every scorer a validated config uses: training's, and evaluation's own."""
+    sections = [("scoring", config["scoring"])]
+    if config["evaluation"]["scorer"] is not None:
+        sections.append(("evaluation.scorer", config["evaluation"]["scorer"]))
+    return sections
+
+
+def check_environment(config: dict, source: str = "config") -> None:
+    """What a validated config names outside itself is there, before any job runs.
+
+    A Python reward ``module:function`` imports and takes ``(prompt, output)``; every judge's
+    API-key variable is set. Raises ConfigError naming the key.
+    """
+    from iteralign.score.python import load_function
+
+    for key, section in scorer_sections(config):
+        if section["scorer"] == "python":
+            try:
+                load_function(section["python"]["function"], f"{key}.python.function")
+            except UserError as exc:
+                raise ConfigError(f"{source}: {exc}", exc.hint) from None
+        env_name = section["judge"]["api_key_env"]
+        if section["scorer"] == "judge" and env_name and not os.environ.get(env_name):
+            raise ConfigError(
+                f"{source}: {key}.judge.api_key_env: environment variable {env_name} is not set; "
+                "expected the judge's API key in it",
+                hint=f"export {env_name}=... before the run, or set {key}.judge.api_key_env: null "
+                "for a server without keys",
+            )
 
 
 def _check_consistency(config: dict, source: str) -> None:
@@ -168,6 +211,12 @@ def _check_consistency(config: dict, source: str) -> None:
         raise ConfigError(
             f"{source}: feedback.type='pairwise' needs sampling.num_samples >= 2, "
             f"found {config['sampling']['num_samples']}"
+        )
+    sampling = config["sampling"]
+    if sampling["temperature"] == 0 and sampling["num_samples"] > 1:
+        raise ConfigError(
+            f"{source}: sampling.temperature=0 (greedy decoding) gives sampling.num_samples="
+            f"{sampling['num_samples']} identical samples; expected temperature > 0 or num_samples: 1"
         )
     if training["max_prompt_length"] >= training["max_length"]:
         raise ConfigError(

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 import re
 
+from iteralign.errors import UserError
+
 _PROBLEM = re.compile(r"^\s*(\d+)\s*\+\s*(\d+)\s*$")
 ANSWER_WIDTH = 3
 
@@ -26,7 +28,7 @@ def _problems(n: int, seed: int, stream: str) -> list[tuple[int, int]]:
 def generate_prompts(source: str, n: int, seed: int) -> list[list[dict[str, str]]]:
     """Prompts of a built-in generator (only ``demo:addition`` exists)."""
     if source != "demo:addition":
-        raise ValueError(f"unknown built-in prompt source {source!r}; expected 'demo:addition'")
+        raise UserError(f"unknown built-in prompt source {source!r}; expected 'demo:addition'")
     return [[{"role": "user", "content": f"{a}+{b}"}] for a, b in _problems(n, seed, "prompts")]
 
 
@@ -56,7 +58,7 @@ def addition_reward(prompt: list[dict[str, str]], output: str) -> float:
     """1.0 when the output is exactly the sum (three digits) asked for in the last user turn, else 0.0."""
     match = _PROBLEM.match(prompt[-1]["content"])
     if match is None:
-        raise ValueError(f"not an addition prompt: {prompt[-1]['content']!r}")
+        raise UserError(f"not an addition prompt: {prompt[-1]['content']!r}")
     expected = int(match.group(1)) + int(match.group(2))
     return 1.0 if output.strip() == str(expected).zfill(ANSWER_WIDTH) else 0.0
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from iteralign.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LENGTH_QUANTILES = (5, 25, 50, 75, 95)
@@ -231,19 +233,19 @@ def check_comparable(other, other_path: str, prompt_ids, decoding: dict, recorde
     """
     expected, found = set(prompt_ids), set(other["prompt_id"])
     if expected != found:
-        raise ValueError(
+        raise UserError(
             f"{other_path}: evaluated {len(found)} held-out prompts, {len(expected - found)} of this round's "
             f"{len(expected)} missing and {len(found - expected)} extra; rounds must be evaluated on the same "
             "prompts (re-run it with --forcerun)")
     if recorded_decoding is not None:
         for key, value in decoding.items():
             if key in recorded_decoding and recorded_decoding[key] != value:
-                raise ValueError(f"{other_path}: evaluated with {key}={recorded_decoding[key]!r}, this round with "
-                                 f"{key}={value!r}; rounds must share decoding settings (re-run it with --forcerun)")
+                raise UserError(f"{other_path}: evaluated with {key}={recorded_decoding[key]!r}, this round with "
+                                f"{key}={value!r}; rounds must share decoding settings (re-run it with --forcerun)")
     for column in needs_columns:
         if column not in other.columns:
-            raise ValueError(f"{other_path}: no column {column!r} (it was evaluated without evaluation.scorer); "
-                             "re-run it with --forcerun so that every round has the same scorers")
+            raise UserError(f"{other_path}: no column {column!r} (it was evaluated without evaluation.scorer); "
+                            "re-run it with --forcerun so that every round has the same scorers")
 
 
 def _held_out(frame, column: str) -> HeldOut | None:
@@ -280,7 +282,8 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
     settings = decoding_settings(config)
     decoding = {"num_samples": 1, **{k: settings[k] for k in ("temperature", "top_p", "max_new_tokens", "stop")}}
     seed = settings["seed"]  # the same seed every round: rounds differ only by the policy
-    generation = generate(checkpoint, prompts, decoding, config, seed, progress=f"eval r{round_n}")
+    generation = generate(checkpoint, prompts, decoding, config, seed, progress=f"eval r{round_n}",
+                          prompt_ids=list(eval_prompts["prompt_id"]))
     frame = sample_frame(round_n, list(eval_prompts["prompt_id"]), prompts, generation.texts,
                          generation.completions, checkpoint, seed)
     rewards, _ = score_samples(frame, config)

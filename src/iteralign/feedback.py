@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from iteralign.errors import UserError
+
 FEEDBACK_TYPES = ("pairwise_feedback", "binary_feedback", "scalar_feedback")
 PAIRWISE_MODES = ("random", "max", "min", "all")
 _REQUIRED = {
@@ -23,7 +25,7 @@ _REQUIRED = {
 }
 
 
-class FeedbackError(ValueError):
+class FeedbackError(UserError):
     """A feedback file that cannot be trained on."""
 
 
@@ -98,7 +100,7 @@ def pairwise_threshold(samples: list[dict], threshold) -> float:
         return float(np.quantile(gaps, threshold["quantile"])) if gaps else 0.0
     if isinstance(threshold, int | float) and not isinstance(threshold, bool) and threshold >= 0:
         return float(threshold)
-    raise ValueError(
+    raise UserError(
         f"feedback.pairwise.threshold: found {threshold!r}; expected a number >= 0 or {{quantile: q}}"
     )
 
@@ -146,7 +148,7 @@ def build_pairwise(
     Returns the items and counts of what was kept and dropped, and why.
     """
     if mode not in PAIRWISE_MODES:
-        raise ValueError(f"feedback.pairwise.mode: unknown mode {mode!r}; expected one of {list(PAIRWISE_MODES)}")
+        raise UserError(f"feedback.pairwise.mode: unknown mode {mode!r}; expected one of {list(PAIRWISE_MODES)}")
     cut = pairwise_threshold(samples, threshold)
     rng = np.random.default_rng(seed)
     stats: Counter = Counter()
@@ -193,7 +195,7 @@ def binary_threshold(rewards: list[float], threshold) -> float:
         return float(np.quantile(rewards, threshold["quantile"]))
     if isinstance(threshold, int | float) and not isinstance(threshold, bool):
         return float(threshold)
-    raise ValueError(
+    raise UserError(
         f"feedback.binary.threshold: found {threshold!r}; expected 'mean', 'median', {{quantile: q}} or a number"
     )
 
@@ -223,7 +225,7 @@ def build_binary(samples: list[dict], threshold, round_n: int | None = None,
     same in both scopes.
     """
     if scope not in ("round", "prompt"):
-        raise ValueError(f"feedback.binary.scope: found {scope!r}; expected 'round' or 'prompt'")
+        raise UserError(f"feedback.binary.scope: found {scope!r}; expected 'round' or 'prompt'")
     valid = _valid(samples)
     groups, valid_groups = _group(samples), _group(valid)
     stats: Counter = Counter(samples=len(samples), samples_nan_reward=len(samples) - len(valid), prompts=len(groups))
@@ -304,6 +306,9 @@ def load_feedback(path: str | Path) -> list[dict]:
     items = read_json(path)
     if not isinstance(items, list):
         raise FeedbackError(f"{path}: expected a JSON array of feedback items, found {type(items).__name__}")
+    if not items:
+        raise FeedbackError(f"{path}: no feedback items (an empty array); expected at least one to train on",
+                            hint="the feedback step's stats (its log and sidecar) say why every sample was dropped")
     out = []
     for index, item in enumerate(items):
         where = f"{path} item {index}"
@@ -329,14 +334,65 @@ def load_feedback(path: str | Path) -> list[dict]:
             item["output_B_text"] = _output_text(item["output_B"], where, "output_B")
             if item["label"] not in (0, 1):
                 raise FeedbackError(f"{where}: label is {item['label']!r}; expected 0 or 1")
+            check_pair_label(item, where)
         else:
             item["output_text"] = _output_text(item["output"], where, "output")
             if kind == "binary_feedback" and item["label"] not in (0, 1):
                 raise FeedbackError(f"{where}: label is {item['label']!r}; expected 0 or 1")
             if kind == "scalar_feedback" and not isinstance(item["reward"], int | float):
                 raise FeedbackError(f"{where}: reward is {item['reward']!r}; expected a number")
+        check_finite_rewards(item, where)
         out.append(item)
     return out
+
+
+def check_finite_rewards(item: dict, where: str) -> None:
+    """Every reward an item carries is a finite number (JSON has no inf or NaN; Python's reader takes them)."""
+    for key in ("reward", "reward_A", "reward_B", "reward_difference"):
+        value = item.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FeedbackError(f"{where}: {key} is {value}; expected a finite number")
+
+
+def check_pair_label(item: dict, where: str) -> None:
+    """A pair's label agrees with its own rewards (label 1 when reward_A > reward_B), when it has them."""
+    reward_a, reward_b = item.get("reward_A"), item.get("reward_B")
+    numbers = all(isinstance(r, int | float) and not isinstance(r, bool) for r in (reward_a, reward_b))
+    if numbers and reward_a != reward_b and item["label"] != int(reward_a > reward_b):
+        raise FeedbackError(
+            f"{where}: label is {item['label']} but reward_A={reward_a} and reward_B={reward_b}; "
+            f"expected label {int(reward_a > reward_b)} (1 when A has the higher reward)"
+        )
+
+
+def check_one_row_per_sample(rewards, path: str | Path) -> None:
+    """A rewards table has one row per (prompt_id, sample_id)."""
+    repeated = rewards[rewards.duplicated(["prompt_id", "sample_id"])]
+    if not repeated.empty:
+        first = repeated.iloc[0]
+        raise FeedbackError(f"{path}: prompt_id {first['prompt_id']} sample_id {first['sample_id']} appears more "
+                            f"than once ({len(repeated)} repeated rows); expected one row per sample")
+
+
+def check_some_feedback(items: list[dict], stats: dict, rewards_path: str | Path) -> None:
+    """A round's feedback has at least one item: an empty file would train on nothing, silently."""
+    if not items:
+        raise FeedbackError(
+            f"{rewards_path}: these rewards give no {stats['type']} feedback items ({stats}); "
+            "expected at least one to train on",
+            hint="sample more (sampling.num_samples) or relax the feedback threshold",
+        )
+
+
+def check_finite_sample_rewards(records: list[dict], path: str | Path) -> None:
+    """Refuse +inf/-inf rewards in a rewards table: a scorer marks those failed (NaN), so the file was changed."""
+    for record in records:
+        value = record["reward"]
+        if value is not None and not math.isnan(value) and not math.isfinite(value):
+            raise FeedbackError(
+                f"{path}: prompt_id {record['prompt_id']} sample_id {record['sample_id']} has reward {value}; "
+                "expected a finite number or NaN (failed)"
+            )
 
 
 def check_trainable(items: list[dict], loss: str, path: str | Path) -> None:

@@ -8,8 +8,11 @@ steps that do not need them (plan, score with Python, feedback, audit) stay fast
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+
+from iteralign.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,35 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# One of these makes a folder's tokenizer loadable without a download.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def check_tokenizer_files(path: Path, key: str | None = None) -> None:
+    """Raise UserError naming the folder (and the config ``key`` that points at it) when it holds no tokenizer file."""
+    if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{key + ' ' if key else ''}{path}: no tokenizer files; expected one of "
+            f"{', '.join(TOKENIZER_FILES)} beside the weights",
+            hint="save the tokenizer into the folder (tokenizer.save_pretrained(folder))",
+        )
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    check_config_json(path)
+    if not trust_remote_code:  # remote code may build its tokenizer from files of its own
+        check_tokenizer_files(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: the tokenizer does not load ({type(exc).__name__}: {_first_line(exc)})",
+                        hint="check the folder's tokenizer files, or re-create them") from None
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token_id is None:
         # (a reward-model head that finds the last token by the pad id then reads the last non-EOS token)
@@ -60,12 +85,47 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, dtype=None
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, dtype=dtype or torch.float32
-    )
+    model = load_pretrained(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code,
+                            dtype=dtype or torch.float32)
     if device is not None:
         model.to(device)
     return model
+
+
+def check_config_json(path: Path) -> None:
+    """A checkpoint's config.json, when it has one, is valid JSON (else UserError naming it)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc})", hint=_RECREATE.format(path=path)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def load_pretrained(auto_class, path: Path, **kwargs):
+    """``auto_class.from_pretrained(path)``; damaged weights or config name the file that failed."""
+    from safetensors import SafetensorError
+
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    check_config_json(path)
+    if not weights:
+        raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin); expected a saved model",
+                        hint=_RECREATE.format(path=path))
+    try:
+        return auto_class.from_pretrained(str(path), **kwargs)
+    except (SafetensorError, OSError, EOFError) as exc:
+        named = ", ".join(str(w) for w in weights)
+        raise UserError(f"{named}: damaged weights ({type(exc).__name__}: {_first_line(exc)})",
+                        hint=_RECREATE.format(path=path)) from None
+
+
+_RECREATE = "re-create {path} by re-running the step that wrote it (snakemake --forcerun), or restore it from a copy"
 
 
 def default_device():

@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from iteralign.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt source that cannot be read as prompts."""
 
 

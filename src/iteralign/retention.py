@@ -22,6 +22,7 @@ from pathlib import Path
 
 from iteralign.artifacts import read_sidecar, sidecar_path
 from iteralign.config import experiment_dir
+from iteralign.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ TRAINER_STATE = "trainer_state.json"  # written by iteralign train into every po
 PRUNED_RECORD = "pruned.json"  # ckpt_r{n}/pruned.json: what retention deleted
 
 
-class RetentionError(ValueError):
+class RetentionError(UserError):
     """A request to delete something that retention must never delete."""
 
 

@@ -128,6 +128,10 @@ def link_sft(config: dict, output: str | Path, provenance=None, stamp: str | Pat
         raise FileNotFoundError(f"policy.sft_checkpoint {source} does not exist or is not a folder")
     if not (source / "config.json").exists():
         raise FileNotFoundError(f"policy.sft_checkpoint {source} has no config.json: not a Hugging Face checkpoint")
+    if not config["policy"]["trust_remote_code"]:
+        from iteralign.modeling import check_tokenizer_files
+
+        check_tokenizer_files(source, "policy.sft_checkpoint")
     output = Path(output)
     if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
         output.rmdir()  # an empty folder made by the workflow engine

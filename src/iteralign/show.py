@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from iteralign.errors import UserError
 from iteralign.prompts import messages_from_cell
 
 _ROUND_FILE = re.compile(r"^(?P<kind>samples|rewards)_r(?P<n>\d+)\.parquet$")
@@ -96,7 +97,7 @@ def _with_texts_and_rewards(frame, path: Path):
     if "output" not in frame.columns and "reward" in frame.columns:
         samples = _beside(path, "samples")
         if samples is None:
-            raise ValueError(f"{path}: a rewards file has no texts and no samples file is beside it to show them")
+            raise UserError(f"{path}: a rewards file has no texts and no samples file is beside it to show them")
         rewards = frame
         frame = pd.read_parquet(samples)
         return frame.merge(rewards.drop(columns=[c for c in rewards.columns if c in frame.columns and c not in keys]),
@@ -138,7 +139,7 @@ def show_table(path: Path, n: int, start: int, prompt_id: str | None) -> str:
     order = list(dict.fromkeys(frame["prompt_id"]))  # prompts in file order
     if prompt_id is not None:
         if prompt_id not in order:
-            raise ValueError(f"{path}: no prompt_id {prompt_id!r} (it holds {len(order)} prompts)")
+            raise UserError(f"{path}: no prompt_id {prompt_id!r} (it holds {len(order)} prompts)")
         order = [prompt_id]
     shown = order[start:start + n]
     groups = frame.groupby("prompt_id", sort=False)
@@ -153,9 +154,9 @@ def show(path: str | Path, n: int = 5, start: int = 0, prompt_id: str | None = N
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if n < 1 or start < 0:
-        raise ValueError(f"show: --n must be >= 1 and --start >= 0, found n={n}, start={start}")
+        raise UserError(f"show: --n must be >= 1 and --start >= 0, found n={n}, start={start}")
     if path.suffix == ".parquet":
         return show_table(path, n, start, prompt_id)
     if path.suffix == ".json":
         return show_feedback(path, n, start, prompt_id)
-    raise ValueError(f"{path}: show reads feedback .json files and .parquet tables, found {path.suffix!r}")
+    raise UserError(f"{path}: show reads feedback .json files and .parquet tables, found {path.suffix!r}")

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from iteralign.errors import UserError
 from iteralign.sample import Completion, check_decoding
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def prepare_environment(on_gpu: bool, threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-class EngineStartError(ValueError):
+class EngineStartError(UserError):
     """vLLM could not start or run a checkpoint; the message names the config key to change."""
 
 

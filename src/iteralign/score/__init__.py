@@ -19,11 +19,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from iteralign.errors import UserError
+
 REWARD_COLUMNS = ["prompt_id", "sample_id", "reward", "reward_raw", "length_penalty", "scorer", "error"]
 
 
-class ScoringError(ValueError):
+class ScoringError(UserError):
     """A round that cannot be scored as configured (too many failures, a broken scorer)."""
+
+
+class SampleError(UserError):
+    """A scorer that stopped on one sample; ``row`` is its position in the scored list."""
+
+    def __init__(self, row: int, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+        self.row = row
 
 
 @dataclass
@@ -69,7 +79,7 @@ def build_scorer(config: dict, section: dict | None = None) -> Scorer:
         server = cfg["reward_server"]
         cache_dir = experiment_dir(config) / "reward_server_cache" if server["cache"] else None
         return RewardServerScorer(server, cache_dir=cache_dir, max_failed_fraction=cfg["max_failed_fraction"])
-    raise ValueError(
+    raise UserError(
         f"scoring.scorer: unknown scorer {kind!r}; expected python, reward_model, reward_server or judge"
     )
 
@@ -82,6 +92,8 @@ def rewards_frame(samples, result: ScoreResult, scorer_name: str, penalties=None
     """
     import pandas as pd
 
+    from iteralign.redaction import redact
+
     frame = pd.DataFrame({
         "prompt_id": samples["prompt_id"].to_numpy(),
         "sample_id": samples["sample_id"].to_numpy(),
@@ -90,7 +102,7 @@ def rewards_frame(samples, result: ScoreResult, scorer_name: str, penalties=None
     frame["length_penalty"] = 0.0 if penalties is None else pd.array(penalties, dtype="float64")
     frame["reward"] = frame["reward_raw"] - frame["length_penalty"]
     frame["scorer"] = scorer_name
-    frame["error"] = pd.array(result.errors, dtype="string")
+    frame["error"] = pd.array([redact(e) for e in result.errors], dtype="string")
     for name, values in result.objectives.items():
         frame[f"reward_{name}"] = pd.array(values, dtype="float64")
     return frame[REWARD_COLUMNS + [c for c in frame.columns if c not in REWARD_COLUMNS]]
@@ -108,12 +120,26 @@ def score_samples(samples, config: dict, section: dict | None = None):
     cfg = section if section is not None else config["scoring"]
     scorer = build_scorer(config, section)
     prompts = [messages_from_cell(p) for p in samples["prompt"]]
-    result = scorer.score(prompts, list(samples["output"]))
+    try:
+        result = scorer.score(prompts, list(samples["output"]))
+    except SampleError as exc:
+        row = samples.iloc[exc.row]
+        raise SampleError(exc.row, f"prompt_id {row['prompt_id']} sample_id {row['sample_id']}: {exc}",
+                          exc.hint) from exc.__cause__
     if len(result.rewards) != len(samples):
         raise RuntimeError(f"scorer {scorer.name} returned {len(result.rewards)} rewards for {len(samples)} samples")
+    fail_non_finite(result)
     frame = rewards_frame(samples, result, scorer.name, length_penalties(samples, cfg["length_penalty"]))
     check_failures(result.rewards, result.errors, cfg["max_failed_fraction"], scorer.name)
     return frame, result
+
+
+def fail_non_finite(result: ScoreResult) -> None:
+    """Mark +inf/-inf rewards failed (NaN, with the value as the reason), in place: they are not scores."""
+    for i, value in enumerate(result.rewards):
+        if value is not None and not is_failed(value) and not math.isfinite(value):
+            result.rewards[i] = math.nan
+            result.errors[i] = result.errors[i] or f"reward {value} is not finite"
 
 
 def check_failures(rewards: list[float], errors: list[str | None], max_failed_fraction: float, scorer: str) -> None:

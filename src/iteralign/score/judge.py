@@ -22,8 +22,9 @@ outside ``score_range`` is NaN too.
 
 Replies are cached (score/response_cache.py): a re-run, or a run resumed after a
 crash, sends no request whose reply it already has. The API key is read from the
-environment variable named by ``api_key_env`` and is removed from every reason
-text before it can reach a log or an artefact.
+environment variable named by ``api_key_env``; it and anything shaped like a key
+are redacted (iteralign/redaction.py) from every reason, cached reply, log line
+and artefact, also when an endpoint echoes the key back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from iteralign.errors import UserError
+from iteralign.redaction import REDACTED, register_secret_env
+from iteralign.redaction import redact as redact_registered
 from iteralign.score import ScoreResult, ScoringError
 from iteralign.score.response_cache import ResponseCache, request_key
 
@@ -47,7 +51,6 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 409, 429}
 _NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*$")
-_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_*.-]{4,}")
 
 
 class MalformedReply(Exception):
@@ -122,11 +125,11 @@ def retry_after_seconds(headers) -> float | None:
         return max(0.0, (when - _dt.datetime.now(when.tzinfo)).total_seconds())
 
 
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the secret, nor anything shaped like an OpenAI key (masked ones included)."""
+def redact(text: str, secret: str | None = None) -> str:
+    """``text`` without ``secret``, any registered secret, nor anything shaped like an OpenAI key."""
     if secret:
-        text = text.replace(secret, "[redacted]")
-    return _KEY_LIKE.sub("[redacted]", text)
+        text = text.replace(secret, REDACTED)
+    return redact_registered(text)
 
 
 def describe_failure(exc: BaseException, timeout: float) -> tuple[bool, str, float | None]:
@@ -198,11 +201,12 @@ class JudgeScorer:
     def _api_key(self, env_name: str | None) -> str:
         if env_name is None:
             return "not-needed"  # the client insists on a string; a local server ignores it
+        register_secret_env(env_name)
         key = os.environ.get(env_name)
         if not key:
-            raise ValueError(
-                f"{self.section}.api_key_env: environment variable {env_name} is not set; "
-                "export it with the server's API key (or set api_key_env: null for a server without keys)"
+            raise UserError(
+                f"{self.section}.api_key_env: environment variable {env_name} is not set; expected the server's API key",
+                hint=f"export {env_name}=... (or set api_key_env: null for a server without keys)",
             )
         return key
 
@@ -274,6 +278,7 @@ class JudgeScorer:
             except RequestFailed as exc:
                 return index, math.nan, str(exc)
         value, error = self._read(record)
+        error = redact(error, self.api_key) if error else None
         if error is not None:
             self.usage["unparsable"] += 1
         return index, value, error

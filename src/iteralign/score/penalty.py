@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from iteralign.errors import UserError
+
 
 def length_penalties(samples, penalty: dict) -> np.ndarray:
     """lambda * length per row of a samples frame. ``penalty``: {coefficient, unit}."""
@@ -17,11 +19,11 @@ def length_penalties(samples, penalty: dict) -> np.ndarray:
         lengths = np.array([len(text) for text in samples["output"]], dtype=float)
     elif unit == "tokens":
         if "num_output_tokens" not in samples.columns:
-            raise ValueError(
+            raise UserError(
                 "scoring.length_penalty.unit='tokens' needs the samples' num_output_tokens column, "
                 f"found columns {list(samples.columns)}"
             )
         lengths = samples["num_output_tokens"].to_numpy(dtype=float)
     else:
-        raise ValueError(f"scoring.length_penalty.unit: found {unit!r}; expected 'characters' or 'tokens'")
+        raise UserError(f"scoring.length_penalty.unit: found {unit!r}; expected 'characters' or 'tokens'")
     return coefficient * lengths

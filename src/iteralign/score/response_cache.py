@@ -5,7 +5,8 @@ endpoint, model, messages and sampling parameters (never the API key). Files liv
 at ``<folder>/<key[:2]>/<key>.json`` and are written atomically as each reply
 arrives, so a crashed or killed run keeps every reply it received, and two jobs
 sharing a cache (score and evaluate) never see half a file. Only successful
-replies are stored; a failed request is tried again by the next run.
+replies are stored; a failed request is tried again by the next run. Every
+string of a record is redacted (iteralign/redaction.py) before it is written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import logging
 import os
 import uuid
 from pathlib import Path
+
+from iteralign.redaction import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -57,5 +60,5 @@ class ResponseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         # A name unique to this writer: two jobs storing the same key never touch each other's file.
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(redact_tree(record), ensure_ascii=False, sort_keys=True) + "\n")
         os.replace(tmp, path)

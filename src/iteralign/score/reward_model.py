@@ -24,6 +24,7 @@ import math
 import os
 from pathlib import Path
 
+from iteralign.errors import UserError
 from iteralign.score import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,13 @@ def check_checkpoint(path: str | Path, trust_remote_code: bool) -> Path:
         raise FileNotFoundError(
             f"scoring.reward_model.path: {path} is not a Hugging Face checkpoint (no config.json)"
         )
-    auto_map = json.loads(config_file.read_text()).get("auto_map", {})
+    try:
+        auto_map = json.loads(config_file.read_text()).get("auto_map", {})
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"scoring.reward_model.path: {config_file} is not valid JSON ({exc})") from None
     if "AutoModelForSequenceClassification" in auto_map and not trust_remote_code:
         # Without its code transformers would load a built-in class with a random head.
-        raise ValueError(
+        raise UserError(
             f"scoring.reward_model.path: {path} ships its own model code "
             f"({auto_map['AutoModelForSequenceClassification']}); set "
             "scoring.reward_model.trust_remote_code: true if you trust it"
@@ -55,12 +59,13 @@ def load_reward_model(path: Path, trust_remote_code: bool, dtype, device):
     """The model in eval mode on ``device``; refuses a checkpoint whose head would be random."""
     from transformers import AutoModelForSequenceClassification
 
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, dtype=dtype, output_loading_info=True
-    )
+    from iteralign.modeling import load_pretrained
+
+    model, info = load_pretrained(AutoModelForSequenceClassification, Path(path), trust_remote_code=trust_remote_code,
+                                  dtype=dtype, output_loading_info=True)
     missing = sorted(info.get("missing_keys", []))
     if missing:
-        raise ValueError(
+        raise UserError(
             f"scoring.reward_model.path: {path} lacks weights {missing[:5]} (they would be random); "
             "expected a trained sequence-classification reward model"
         )
@@ -125,11 +130,11 @@ def logit_head(configured: str, width: int | None, key: str = "scoring.reward_mo
     if configured == "auto":
         if width in (1, 2):
             return "bradley_terry" if width == 1 else "two_class"
-        raise ValueError(f"{key}=auto: the model gives {width} logits (and no `score`); cannot tell how to "
+        raise UserError(f"{key}=auto: the model gives {width} logits (and no `score`); cannot tell how to "
                          f"read a reward. Set {key}")
     expected_width = LOGIT_INDEX[configured] + 1
     if width != expected_width:
-        raise ValueError(f"{key}={configured}: expected {expected_width} logit(s), the model gives {width}")
+        raise UserError(f"{key}={configured}: expected {expected_width} logit(s), the model gives {width}")
     return configured
 
 
@@ -139,7 +144,7 @@ def resolve_head(configured: str, output) -> str:
     logits = getattr(output, "logits", None)
     width = None if logits is None else logits.shape[-1]
     if configured == "multi_objective" and not has_score:
-        raise ValueError("scoring.reward_model.head=multi_objective: the model's output has no `score` field")
+        raise UserError("scoring.reward_model.head=multi_objective: the model's output has no `score` field")
     if configured == "multi_objective" or (configured == "auto" and has_score):
         return "multi_objective"
     return logit_head(configured, width)
@@ -153,7 +158,7 @@ def read_output(output, head: str):
     if score.dim() == 2 and score.shape[-1] == 1:
         score = score[:, 0]
     if score.dim() != 1:
-        raise ValueError(f"the reward model's `score` output has shape {tuple(score.shape)}; expected [batch]")
+        raise UserError(f"the reward model's `score` output has shape {tuple(score.shape)}; expected [batch]")
     rewards = getattr(output, "rewards", None)
     return score, None if rewards is None else rewards.float().cpu()
 
@@ -162,7 +167,7 @@ def objective_names(configured: list[str] | None, count: int) -> list[str]:
     if configured is None:
         return [f"objective_{i}" for i in range(count)]
     if len(configured) != count:
-        raise ValueError(
+        raise UserError(
             f"scoring.reward_model.objectives lists {len(configured)} names but the model returns {count} objectives"
         )
     return list(configured)
@@ -171,7 +176,7 @@ def objective_names(configured: list[str] | None, count: int) -> list[str]:
 def weight_vector(weights: dict[str, float], names: list[str]) -> list[float]:
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"scoring.reward_model.objective_weights names {unknown}; the objectives are {names}")
+        raise UserError(f"scoring.reward_model.objective_weights names {unknown}; the objectives are {names}")
     return [float(weights.get(name, 0.0)) for name in names]
 
 
@@ -266,7 +271,7 @@ class RewardModelScorer:
                 weights = weight_vector(self.cfg["objective_weights"], names)
                 rewards = [sum(w * v for w, v in zip(weights, r[2], strict=True)) for r in rows]
         elif self.cfg["objective_weights"] and rows:
-            raise ValueError("scoring.reward_model.objective_weights is set but the model has no `rewards` output")
+            raise UserError("scoring.reward_model.objective_weights is set but the model has no `rewards` output")
         errors: list[str | None] = [None if math.isfinite(r) else f"reward model returned {r}" for r in rewards]
         rewards = [r if math.isfinite(r) else math.nan for r in rewards]
         usage = {"samples": count, "tokens": tokens, "truncated": truncated, "processes": world,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from iteralign.artifacts import atomic_dir
+from iteralign.errors import UserError
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -78,7 +79,32 @@ def read_trainer_state(path: str | Path) -> dict:
     file = Path(path) / STATE_FILE
     if not file.exists():
         return {}
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged(file, f"not valid JSON ({exc})") from None
+
+
+def damaged(file: Path, what: str) -> UserError:
+    """The error for a checkpoint file that cannot be read: names it and says how to get it back."""
+    return UserError(f"{file}: damaged checkpoint file: {what}",
+                     hint=f"re-create {file.parent} by re-running the step that wrote it "
+                     "(snakemake --forcerun <that folder>) or restore it from a copy")
+
+
+def load_torch_file(file: Path):
+    """``torch.load(weights_only=True)``; a file that does not unpickle is reported as damaged.
+
+    torch's own message for such a file suggests ``weights_only=False``, which would run
+    whatever the file holds: the message here names the file instead.
+    """
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError) as exc:
+        reason = type(exc).__name__ if "weights_only" in str(exc) else f"{type(exc).__name__}: {str(exc)[:120]}"
+        raise damaged(file, f"torch.load (weights_only=True) failed with {reason}") from None
 
 
 def optimizer_state_to_save(model, optimizer) -> dict:
@@ -136,15 +162,18 @@ def load_training_state(path: str | Path, optimizer, scheduler, model=None,
     state = read_trainer_state(path)
     optimizer_file, scheduler_file = path / OPTIMIZER_FILE, path / SCHEDULER_FILE
     if optimizer_file.exists() != scheduler_file.exists():
-        raise FileNotFoundError(
-            f"{path}: has {OPTIMIZER_FILE if optimizer_file.exists() else SCHEDULER_FILE} but not the other; "
-            "a resumable checkpoint needs both"
+        raise UserError(
+            f"{path}: has {OPTIMIZER_FILE if optimizer_file.exists() else SCHEDULER_FILE} but not "
+            f"{SCHEDULER_FILE if optimizer_file.exists() else OPTIMIZER_FILE}; a resumable checkpoint needs both",
+            hint=f"re-create {path} by re-running the step that wrote it, or restore it from a copy",
         )
     if optimizer_file.exists():
-        saved = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+        saved = load_torch_file(optimizer_file)
+        if not isinstance(saved, dict) or not {"state", "param_groups"} <= set(saved):
+            raise damaged(optimizer_file, f"found {type(saved).__name__}; expected an optimizer state dict")
         saved_groups, groups = saved["param_groups"], optimizer.state_dict()["param_groups"]
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
-            raise ValueError(
+            raise UserError(
                 f"{optimizer_file}: parameter groups of sizes {[len(g['params']) for g in saved_groups]} "
                 f"do not match the model's {[len(g['params']) for g in groups]}"
             )
@@ -152,5 +181,5 @@ def load_training_state(path: str | Path, optimizer, scheduler, model=None,
             optimizer.load_state_dict(saved)
         else:
             _load_optimizer_state(model, optimizer, saved, parameter_names)
-        scheduler.load_state_dict(torch.load(scheduler_file, map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(load_torch_file(scheduler_file))
     return state, optimizer_file.exists()

@@ -27,6 +27,7 @@ import torch
 from iteralign import tracking
 from iteralign.artifacts import write_jsonl
 from iteralign.config import PAIRED_LOSSES, history_rounds, uses_reference
+from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
 from iteralign.modeling import load_causal_lm, load_tokenizer
 from iteralign.train import losses
@@ -90,11 +91,13 @@ def estimated_total_steps(config: dict) -> int:
 
 # ---------------------------------------------------------------- data
 def load_reference_logps(paths: list[str | Path]) -> dict[tuple[str, str], float]:
-    import pandas as pd
+    from iteralign.artifacts import check_columns, read_parquet
 
     table: dict[tuple[str, str], float] = {}
+    columns = ["prompt_id", "completion_key", "reference_logp"]
     for path in paths:
-        frame = pd.read_parquet(path, columns=["prompt_id", "completion_key", "reference_logp"])
+        frame = read_parquet(path)
+        check_columns(frame, columns, path)
         table.update(zip(zip(frame.prompt_id, frame.completion_key, strict=True), frame.reference_logp.astype(float), strict=True))
     return table
 
@@ -106,9 +109,10 @@ class _Lookup:
     def __call__(self, prompt_id: str, completion: str) -> float:
         key = (prompt_id, completion_key(completion))
         if key not in self.table:
-            raise KeyError(
-                f"no reference log-prob for prompt_id {prompt_id} completion {completion!r:.60} in "
-                f"{self.sources}; the reference job must run on the same feedback file"
+            raise UserError(
+                f"{', '.join(self.sources)}: no reference log-prob for prompt_id {prompt_id} completion "
+                f"{completion!r:.60}; expected one for every feedback completion",
+                hint="re-run the reference step on this round's feedback file",
             )
         return self.table[key]
 
@@ -214,7 +218,7 @@ def paired_objective(tcfg: dict, policy_chosen, policy_rejected, reference_chose
     if loss == "orpo":
         return losses.orpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
                                 tcfg["orpo"]["odds_ratio_weight"])
-    raise ValueError(f"training.loss: {loss!r} is not a paired loss; expected one of {PAIRED_LOSSES}")
+    raise UserError(f"training.loss: {loss!r} is not a paired loss; expected one of {PAIRED_LOSSES}")
 
 
 def _micro_batch_loss(model, batch: list[dict], tcfg: dict, pad_id: int, device, kl: torch.Tensor | None):
@@ -338,7 +342,7 @@ def train_round(
     reference = None
     if uses_reference(tcfg):
         if not reference_paths:
-            raise ValueError(f"training.loss={tcfg['loss']!r} needs reference log-probs (--reference), found none")
+            raise UserError(f"training.loss={tcfg['loss']!r} needs reference log-probs (--reference), found none")
         reference = _Lookup(load_reference_logps(reference_paths), reference_paths)
     elif reference_paths:
         log.warning("training.loss=%r is reference-free: the reference tables %s are not used", tcfg["loss"],
