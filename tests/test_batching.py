@@ -13,6 +13,7 @@ from feedback_data import write_feedback
 from iteralign import config as cfg
 from iteralign.artifacts import write_parquet
 from iteralign.config import history_rounds
+from iteralign.errors import UserError
 from iteralign.modeling import load_causal_lm
 from iteralign.reference import reference_logps
 from iteralign.train.data import Encoded, collate, plan_batches, process_chunks
@@ -133,5 +134,5 @@ def test_history_trains_on_earlier_rounds_with_their_own_reference_tables(tmp_pa
     # KTO's KL partners are drawn within each file, as each round's reference job drew them:
     # the reference point is exactly 0 before the first update
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
-    with pytest.raises(KeyError, match="no reference log-prob"):
+    with pytest.raises(UserError, match="no reference log-prob"):
         train_round(config, 2, files, tables[:1], tiny_checkpoint, tmp_path / "F2", tmp_path / "m2.jsonl")

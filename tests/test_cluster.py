@@ -379,7 +379,7 @@ def test_the_console_says_when_the_config_asks_more_gpus_than_the_machine_shows(
     config.write_text(yaml.safe_dump(raw))
     result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
                              "--configfile", str(config), "-n"], capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OPENAI_API_KEY": "sk-unused"})
     assert result.returncode == 0, result.stderr[-2000:]
     said = [line for line in result.stderr.splitlines() if line.startswith("iteralign: GPUs asked for")]
     assert said == ["iteralign: GPUs asked for (sample 1, reference 8, train 8), 0 visible on this machine: jobs run "

@@ -85,16 +85,13 @@ def test_binary_feedback_becomes_trls_unpaired_preference_type(tmp_path):
         assert (row["prompt_id"], row["round"]) == (item["prompt_id"], item["round"])
 
 
-def test_a_round_without_feedback_exports_a_file_with_the_columns_and_no_rows(tmp_path):
-    import pyarrow.parquet as pq
-
+def test_an_empty_feedback_file_is_refused_in_one_line_and_nothing_is_written(tmp_path):
     experiment = write_experiment(tmp_path, "pairwise")
-    write_json([], experiment / "feedback_r2.json")  # e.g. every pair of round 2 was a tie
-    written = export(experiment)
-    empty = pq.read_table(written[1])
-    assert empty.num_rows == 0 and {"prompt", "chosen", "rejected"} <= set(empty.column_names)
-    assert len(load(written[:2], tmp_path / "cache")) == len(load([written[2]], tmp_path / "cache")) == \
-        len(feedback(experiment, 1))
+    write_json([], experiment / "feedback_r2.json")  # the feedback step never writes one; a hand-made file may
+    out = run_cli("export", str(experiment), "--format", "trl", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "feedback_r2.json: no feedback items" in out.stderr
+    assert not (experiment / "export").exists()
 
 
 def test_scalar_feedback_is_refused_in_one_line(tmp_path):

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from iteralign.errors import UserError
+
 FORMATS = ("trl",)
 ALL_ROUNDS = "all_rounds.parquet"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """Feedback that cannot become the asked format."""
 
 
@@ -65,15 +67,15 @@ def trl_row(item: dict, round_n: int) -> dict:
     return row
 
 
-def feedback_kind(items: list[dict], path: Path) -> str | None:
-    """The one feedback type of a file (None when it is empty); refuses mixed and scalar files."""
+def feedback_kind(items: list[dict], path: Path) -> str:
+    """The one feedback type of a (non-empty) file; refuses mixed and scalar files."""
     kinds = sorted({item["type"] for item in items})
     if len(kinds) > 1:
         raise ExportError(f"{path}: holds several feedback types {kinds}; a TRL dataset has one type")
     if kinds == ["scalar_feedback"]:
         raise ExportError(f"{path}: scalar_feedback has no TRL dataset type (TRL takes preference pairs or "
                           "binary labels); export pairwise or binary feedback")
-    return kinds[0] if kinds else None
+    return kinds[0]
 
 
 def _write(rows: list[dict], kind: str, path: Path, provenance: dict) -> None:
@@ -86,8 +88,7 @@ def _write(rows: list[dict], kind: str, path: Path, provenance: dict) -> None:
 
     schema = trl_schema(kind).with_metadata({PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()})
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        if rows:  # an empty round has no row group at all: `datasets` cannot read an empty one
-            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        writer.write_table(pa.Table.from_pylist(rows, schema=schema))
 
 
 def export_trl(results: str | Path, output: str | Path | None = None) -> list[Path]:
@@ -104,11 +105,11 @@ def export_trl(results: str | Path, output: str | Path | None = None) -> list[Pa
         raise ExportError(f"{results}: no feedback_r{{n}}.json to export")
     output = Path(output) if output else results / "export" / "trl"
     loaded = [(n, path, load_feedback(path)) for n, path in files]
-    kinds = {kind for _, path, items in loaded if (kind := feedback_kind(items, path))}
+    kinds = {feedback_kind(items, path) for _, path, items in loaded}  # load_feedback refuses an empty file
     if len(kinds) > 1:
         raise ExportError(f"{results}: rounds hold different feedback types {sorted(kinds)}; "
                           "all_rounds.parquet would mix TRL dataset types")
-    kind = kinds.pop() if kinds else "pairwise_feedback"
+    kind = kinds.pop()
     recorded = read_provenance(files[0][1]) or {}
     written, every_row = [], []
     for n, path, items in loaded:
