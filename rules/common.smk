@@ -104,18 +104,11 @@ def checkpoint_dir(n):
 
 
 # ---------------------------------------------------------------- input functions
-def _stamped_inputs():
-    """Content stamps of the inputs outside the experiment, written now (iteralign.external);
-    a path that does not exist stops the workflow here, naming its config key."""
-    from iteralign.external import ExternalInputError, write_stamps
+# Content stamps of the inputs outside the experiment, written now (iteralign.external);
+# a path that does not exist stops the workflow here in one line naming its config key.
+from iteralign.external import write_stamps
 
-    try:
-        return write_stamps(config, EXP)
-    except ExternalInputError as exc:
-        raise ValueError(str(exc)) from None
-
-
-STAMPED_INPUTS = _stamped_inputs()
+STAMPED_INPUTS = iteralign_config.exit_on_input_error(write_stamps, config, EXP)
 
 
 def stamped_input(key):

@@ -317,7 +317,7 @@ LOCK_FILE = ".lock"  # results/<exp>/.lock
 _held_locks: dict[Path, int] = {}
 
 
-class ExperimentInUse(RuntimeError):
+class ExperimentInUse(UserError):
     """Another run holds the experiment's lock."""
 
 

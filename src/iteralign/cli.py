@@ -293,13 +293,10 @@ def cmd_audit(args) -> int:
 
 
 def cmd_restore(args) -> None:
-    from iteralign.artifacts import ExperimentInUse, lock_experiment
+    from iteralign.artifacts import lock_experiment
     from iteralign.last_good import STORE, restore
 
-    try:
-        lock_experiment(args.results)  # never while a run of the experiment is going on
-    except ExperimentInUse as exc:
-        raise ValueError(str(exc)) from None
+    lock_experiment(args.results)  # never while a run of the experiment is going on
     restored = restore(args.results)
     for unit in restored:
         print(f"restored {Path(args.results) / unit}")

@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 
 from iteralign.artifacts import atomic_path, cached_content_sha256
+from iteralign.errors import UserError
 
 STAMPS = "inputs"  # results/<exp>/inputs/
 
 
-class ExternalInputError(ValueError):
+class ExternalInputError(UserError):
     """A configured input path that does not exist."""
 
 
