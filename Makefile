@@ -50,8 +50,10 @@ demo-vllm: install vllm
 	@echo "Results: $(CURDIR)/results/demo-vllm   (logs/demo-vllm, benchmarks/demo-vllm)"
 	@echo "Report:  $(CURDIR)/results/demo-vllm/report.html"
 
+# Two pytest workers, a test file each at a time (module fixtures stay in one worker): most
+# tests wait on subprocesses (Snakemake, vLLM, SLURM) that use one core at a time.
 test: install vllm
-	python -m pytest
+	python -m pytest -n 2 --dist loadfile --durations=15
 
 # TRL, for scripts/bench_training.py only: pinned, and constrained so that torch stays 2.13.0.
 BENCH_STAMP := $(VENV)/.bench-installed
