@@ -72,7 +72,7 @@ def prepare_environment(on_gpu: bool, threads: int) -> None:
     """Environment variables vLLM reads at import, set before the import (a user's own values win).
 
     On CPU the engine runs in this process (no engine-core and worker processes that each
-    import vLLM again: about half of the start-up) and does not pin OpenMP threads to cores,
+    import vLLM again; docs/benchmarks.md has one measurement) and does not pin OpenMP threads to cores,
     so two jobs on one host do not fight over the same cores; ``threads`` caps its threads.
     """
     if on_gpu:
