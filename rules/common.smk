@@ -341,7 +341,7 @@ def gpu_request(step):
     return {"gpu": count, "gpu_model": model if count else None}
 
 
-# ---------------------------------------------------------------- multi-node training (issue 5)
+# ---------------------------------------------------------------- multi-node training
 # Steps that may span training.nodes nodes: SLURM starts one task per node
 # (`mpi: srun`), and each task runs one `accelerate launch` for its node's GPUs,
 # with the first node of the allocation as the main process.

@@ -17,18 +17,12 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
+from served_models import VLLM_PYTHON, require_vllm
 from test_workflow import EXP, new_workdir, snakemake
 
 from iteralign.artifacts import read_parquet, read_provenance
 
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-pytestmark = [
-    pytest.mark.workflow,
-    pytest.mark.vllm,
-    # CI builds .venv-vllm (make test): there a missing environment fails instead of skipping
-    pytest.mark.skipif(not VLLM_PYTHON.exists() and not os.environ.get("CI"),
-                       reason="no .venv-vllm (run `make vllm`)"),
-]
+pytestmark = [pytest.mark.workflow, pytest.mark.vllm]
 STOP = "5"
 SECTIONS = {
     "rounds": 1,
@@ -41,6 +35,7 @@ SECTIONS = {
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory) -> Path:
+    require_vllm()  # skips without .venv-vllm, fails in CI (make test builds it)
     workdir = new_workdir(tmp_path_factory.mktemp("vllm") / "a", **SECTIONS)
     snakemake(workdir)
     return workdir
