@@ -90,7 +90,14 @@ class FakeJudge:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                length = int(self.headers["Content-Length"])
+                try:
+                    raw = self.rfile.read(length)
+                except ConnectionError:
+                    return
+                if len(raw) < length:
+                    return  # the client closed the connection before its body arrived (it stopped)
+                body = json.loads(raw)
                 request = judge._record(body, self.headers)
                 try:
                     action = judge.behaviour(request.completion, request.attempt)
