@@ -115,6 +115,7 @@ def cmd_link_sft(args) -> None:
 
 def cmd_sample(args) -> None:
     from iteralign.artifacts import read_parquet, write_parquet
+    from iteralign.config import round_seed
     from iteralign.prompts import messages_from_cell
     from iteralign.sample import generate, sample_frame
 
@@ -126,7 +127,7 @@ def cmd_sample(args) -> None:
     if todo.empty:
         raise UserError(f"{args.prompts}: no training prompts planned for round {args.round}")
     scfg = config["sampling"]
-    seed = config["seed"] * 1_000_003 + args.round
+    seed = round_seed(config, args.round)
     prompts = [messages_from_cell(p) for p in todo["prompt"]]
     decoding = {k: scfg[k] for k in ("num_samples", "temperature", "top_p", "max_new_tokens", "stop")}
     log.info("round %d: sampling %d x %d completions from %s", args.round, len(prompts), scfg["num_samples"],

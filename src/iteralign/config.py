@@ -15,7 +15,6 @@ import re
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -380,8 +379,11 @@ def experiment_dir(config: dict) -> Path:
     return Path(config["results_dir"]) / config["experiment"]
 
 
-def get(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th stream drawn from ``seed`` (a round, a batch, a prompt)."""
+    return seed * 1_000_003 + index
+
+
+def round_seed(config: dict, round_n: int) -> int:
+    """The seed of everything random in round ``round_n``: sampling, pairing, training order."""
+    return derived_seed(config["seed"], round_n)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iteralign.config import round_seed
 from iteralign.errors import UserError
 
 FEEDBACK_TYPES = ("pairwise_feedback", "binary_feedback", "scalar_feedback")
@@ -272,7 +273,7 @@ def build_scalar(samples: list[dict], round_n: int | None = None) -> tuple[list[
 def build_feedback(samples: list[dict], config: dict, round_n: int) -> tuple[list[dict], dict]:
     """The round's feedback items and stats, as ``config["feedback"]`` says."""
     cfg = config["feedback"]
-    seed = config["seed"] * 1_000_003 + round_n
+    seed = round_seed(config, round_n)
     if cfg["type"] == "pairwise":
         pairwise = cfg["pairwise"]
         items, stats = build_pairwise(samples, pairwise["mode"], pairwise["threshold"], seed, round_n)

@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from iteralign.config import derived_seed
 from iteralign.sample import Completion, check_decoding, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_index, batch in enumerate(tqdm(batches, desc=progress, disable=progress is None, mininterval=5)):
         input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
-        torch.manual_seed(seed * 1_000_003 + batch_index)
+        torch.manual_seed(derived_seed(seed, batch_index))
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),

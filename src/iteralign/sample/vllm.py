@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+from iteralign.config import derived_seed
 from iteralign.errors import UserError
 from iteralign.sample import Completion, check_decoding
 
@@ -116,7 +117,7 @@ def start_failure_message(checkpoint: str, error: BaseException) -> str:
 
 def request_seed(seed: int, prompt_index: int) -> int:
     """Seed of one prompt's request: every prompt draws its k samples from its own stream."""
-    return (seed * 1_000_003 + prompt_index) % _SEED_RANGE
+    return derived_seed(seed, prompt_index) % _SEED_RANGE
 
 
 def sampling_arguments(decoding: dict, seed: int, prompt_index: int) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from iteralign import tracking
 from iteralign.artifacts import write_jsonl
-from iteralign.config import PAIRED_LOSSES, history_rounds, uses_reference
+from iteralign.config import PAIRED_LOSSES, history_rounds, round_seed, uses_reference
 from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
 from iteralign.modeling import load_causal_lm, load_tokenizer
@@ -333,7 +333,7 @@ def train_round(
     tcfg = config["training"]
     accelerator = make_accelerator(tcfg)
     world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(config["seed"] * 1_000_003 + round_n)
+    torch.manual_seed(round_seed(config, round_n))
 
     tokenizer = load_tokenizer(init_checkpoint, config["policy"]["trust_remote_code"])
     model = load_causal_lm(init_checkpoint, config["policy"]["trust_remote_code"])
