@@ -130,7 +130,8 @@ def ordered_pairs(workdir: Path, config: dict) -> list[dict]:
     """The pairs in the order of iteralign's batches, with the prompt as the model sees it."""
     from iteralign.feedback import load_feedback
     from iteralign.modeling import load_tokenizer
-    from iteralign.train.data import PromptRenderer, encode, pairs_from_feedback, plan_batches
+    from iteralign.tokens import PromptRenderer, encode
+    from iteralign.train.data import pairs_from_feedback, plan_batches
 
     tokenizer = load_tokenizer(workdir / "policy")
     render = PromptRenderer(tokenizer)

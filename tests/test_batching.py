@@ -14,15 +14,13 @@ from iteralign import config as cfg
 from iteralign.artifacts import write_parquet
 from iteralign.config import history_rounds
 from iteralign.errors import UserError
+from iteralign.logps import completion_logps
 from iteralign.modeling import load_causal_lm
 from iteralign.reference import reference_logps
-from iteralign.train.data import Encoded, collate, plan_batches, process_chunks
-from iteralign.train.logps import completion_logps
-from iteralign.train.trainer import (
-    enable_gradient_checkpointing,
-    estimated_total_steps,
-    train_round,
-)
+from iteralign.tokens import Encoded, collate, process_chunks
+from iteralign.train.data import plan_batches
+from iteralign.train.schedule import estimated_total_steps
+from iteralign.train.trainer import enable_gradient_checkpointing, train_round
 
 
 def padded_positions(batches, lengths, micro):

@@ -11,19 +11,13 @@ from feedback_data import write_feedback
 
 from iteralign import config as cfg
 from iteralign.artifacts import write_parquet
-from iteralign.config import LOSS_FEEDBACK_TYPES, ConfigError, uses_reference
+from iteralign.config import ConfigError, uses_reference
 from iteralign.feedback import load_feedback
+from iteralign.logps import batched_completion_logps
 from iteralign.modeling import load_causal_lm, load_tokenizer
-from iteralign.reference import reference_logps
-from iteralign.train.data import training_examples
-from iteralign.train.logps import batched_completion_logps
-from iteralign.train.trainer import (
-    _Lookup,
-    _micro_batch_loss,
-    build_examples,
-    load_reference_logps,
-    train_round,
-)
+from iteralign.reference import ReferenceLogps, reference_logps
+from iteralign.train.objectives import OBJECTIVES, training_examples
+from iteralign.train.trainer import _micro_batch_loss, build_examples, train_round
 
 FEEDBACK_OF = {"dpo": "pairwise", "cdpo": "pairwise", "ipo": "pairwise", "slic": "pairwise", "simpo": "pairwise",
                "orpo": "pairwise", "kto": "binary", "sft": "pairwise", "grpo": "scalar"}
@@ -55,7 +49,7 @@ def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(loss, feedback, tin
     reference = None
     if uses_reference(tcfg):
         table = reference_table(config, path, tiny_checkpoint, tmp_path)
-        reference = _Lookup(load_reference_logps([table]), [table])
+        reference = ReferenceLogps([table])
     examples, _ = build_examples([path], config, tokenizer, reference)
     if loss == "grpo":
         old, _ = batched_completion_logps(model, [e["completion"] for e in examples], tokenizer.pad_token_id, 8, "cpu")
@@ -144,12 +138,12 @@ def test_sft_on_binary_feedback_keeps_the_desirable_completions(feedback):
     assert [e.completion for e in examples] == [i["output_text"] for i in items if i["label"] == 1]
 
 
-@pytest.mark.parametrize("loss", sorted(LOSS_FEEDBACK_TYPES))
+@pytest.mark.parametrize("loss", sorted(OBJECTIVES))
 def test_each_loss_refuses_the_feedback_types_it_cannot_train_on(loss):
     sampling = {"num_samples": 4}
     for kind in ("pairwise", "binary", "scalar"):
         raw = micro_config(sampling=sampling, feedback={"type": kind}, training={"loss": loss})
-        if kind in LOSS_FEEDBACK_TYPES[loss]:
+        if kind in OBJECTIVES[loss].feedback_types:
             cfg.validate(raw)
         else:
             with pytest.raises(ConfigError, match=rf"training.loss='{loss}' needs feedback.type in .* "
@@ -162,12 +156,27 @@ def test_grpo_must_train_on_its_own_round_only():
         loss_config("grpo", history="all")
 
 
-def test_docs_table_lists_the_feedback_types_the_code_accepts():
+def docs_loss_table() -> dict[str, tuple[set[str], str]]:
+    """loss -> (feedback types, reference column) from the loss table of docs/training.md."""
     text = (REPO / "docs" / "training.md").read_text()
+    section = text[text.index("## Losses"):text.index("### GRPO on scalar feedback")]
     table = {}
-    for line in text.splitlines():
+    for line in section.splitlines():
         match = re.match(r"\| `(\w+)` \|([^|]*)\|([^|]*)\|", line)
-        if match and match.group(1) in LOSS_FEEDBACK_TYPES:
-            table[match.group(1)] = {kind for kind in ("pairwise", "binary", "scalar") if kind in match.group(2)}
-            assert match.group(3).strip().startswith("no") == (match.group(1) in cfg.REFERENCE_FREE_LOSSES), line
-    assert table == LOSS_FEEDBACK_TYPES
+        if match:
+            kinds = {kind for kind in ("pairwise", "binary", "scalar") if kind in match.group(2)}
+            table[match.group(1)] = (kinds, match.group(3).strip())
+    return table
+
+
+def test_every_registry_entry_matches_its_row_of_the_docs_loss_table():
+    table = docs_loss_table()
+    assert set(table) == set(OBJECTIVES) == set(FEEDBACK_OF)  # and every loss is trained above
+    for loss, objective in OBJECTIVES.items():
+        kinds, reference = table[loss]
+        assert kinds == objective.feedback_types, loss
+        assert objective.needs_reference(loss_config(loss)["training"]) == reference.startswith("yes"), loss
+        unless = re.search(r"unless `(\w+)\.(\w+)` is 0", reference)
+        if unless:  # the setting that makes the loss reference-free
+            section, key = unless.groups()
+            assert not objective.needs_reference(loss_config(loss, **{section: {key: 0.0}})["training"]), loss

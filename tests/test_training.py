@@ -14,8 +14,9 @@ from iteralign.artifacts import write_json, write_parquet
 from iteralign.feedback import build_binary, build_pairwise, load_feedback
 from iteralign.reference import reference_logps
 from iteralign.train.checkpoint import load_training_state
-from iteralign.train.data import assign_kl_partners, singles_from_feedback
-from iteralign.train.trainer import lr_lambda, train_round
+from iteralign.train.data import assign_kl_partners, unpaired_from_feedback
+from iteralign.train.schedule import lr_lambda
+from iteralign.train.trainer import train_round
 
 OUTPUTS = ["012", "013", "110", "111", "099", "100"]
 
@@ -120,15 +121,15 @@ def test_kto_kl_partners_come_from_other_prompts(tmp_path):
     items, _ = build_binary(crafted_samples(4), "mean")
     path = tmp_path / "f.json"
     write_json(items, path)
-    singles = singles_from_feedback(load_feedback(path))
-    assign_kl_partners(singles, seed=0)
-    owner = {s.completion: s.prompt_id for s in singles}  # outputs are unique per prompt here
-    for s in singles:
+    examples = unpaired_from_feedback(load_feedback(path))
+    assign_kl_partners(examples, seed=0)
+    owner = {s.completion: s.prompt_id for s in examples}  # outputs are unique per prompt here
+    for s in examples:
         assert s.kl_prompt_id == s.prompt_id  # the prompt stays, the completion is someone else's
         assert owner[s.kl_completion] != s.prompt_id
-    again = singles_from_feedback(load_feedback(path))
+    again = unpaired_from_feedback(load_feedback(path))
     assign_kl_partners(again, seed=0)
-    assert [s.kl_completion for s in again] == [s.kl_completion for s in singles]
+    assert [s.kl_completion for s in again] == [s.kl_completion for s in examples]
 
 
 def test_kto_round_trains_on_binary_feedback(tmp_path, tiny_checkpoint):

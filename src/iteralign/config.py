@@ -20,6 +20,7 @@ import yaml
 
 from iteralign.errors import UserError
 from iteralign.redaction import register_secret_env, secret_env_names
+from iteralign.train.objectives import objective_of
 
 SCHEMA_PATH = Path(str(resources.files("iteralign") / "schemas" / "config.schema.yaml"))
 
@@ -200,7 +201,7 @@ def check_environment(config: dict, source: str = "config") -> None:
 def _check_consistency(config: dict, source: str) -> None:
     """Checks across keys that a JSON schema cannot express clearly."""
     training, feedback = config["training"], config["feedback"]
-    accepted = LOSS_FEEDBACK_TYPES[training["loss"]]
+    accepted = objective_of(training).feedback_types
     if feedback["type"] not in accepted:
         raise ConfigError(
             f"{source}: training.loss={training['loss']!r} needs feedback.type in {sorted(accepted)}, "
@@ -222,7 +223,7 @@ def _check_consistency(config: dict, source: str) -> None:
             f"{source}: training.max_prompt_length ({training['max_prompt_length']}) must be below "
             f"training.max_length ({training['max_length']})"
         )
-    _check_grpo(config, source)
+    _check_objective(config, source)
     _check_scoring(config["scoring"], source)
     _check_slurm_extra(config["resources"], source)
 
@@ -299,49 +300,25 @@ def _check_scoring(scoring: dict, source: str) -> None:
         )
 
 
-def _check_grpo(config: dict, source: str) -> None:
-    """GRPO is on-policy and compares completions within a prompt's group."""
+def _check_objective(config: dict, source: str) -> None:
+    """An on-policy loss trains on its round's own samples; a group loss needs groups to compare."""
     training = config["training"]
-    if training["loss"] == "grpo":
-        if training["history"] != "current":
-            raise ConfigError(
-                f"{source}: training.loss='grpo' is on-policy and trains on the round's own samples only: "
-                f"training.history must be 'current', found {training['history']!r}"
-            )
-        if config["sampling"]["num_samples"] < 2:
-            raise ConfigError(
-                f"{source}: training.loss='grpo' compares completions within a prompt's group and needs "
-                f"sampling.num_samples >= 2, found {config['sampling']['num_samples']}"
-            )
-
-
-# Which feedback types each loss trains on (docs/training.md has the same table).
-# kto and sft also take pairwise feedback: each pair is split into a desirable and
-# an undesirable example (sft then keeps the desirable ones).
-LOSS_FEEDBACK_TYPES: dict[str, set[str]] = {
-    "dpo": {"pairwise"},
-    "cdpo": {"pairwise"},
-    "ipo": {"pairwise"},
-    "slic": {"pairwise"},
-    "simpo": {"pairwise"},
-    "orpo": {"pairwise"},
-    "kto": {"binary", "pairwise"},
-    "sft": {"binary", "pairwise"},
-    "grpo": {"scalar"},
-}
-
-# Losses that train on (chosen, rejected) pairs, in one forward pass.
-PAIRED_LOSSES = ("dpo", "cdpo", "ipo", "slic", "simpo", "orpo")
-
-# Losses that never look at the reference model: no reference job runs for them.
-REFERENCE_FREE_LOSSES = ("slic", "simpo", "orpo", "sft")
+    objective = objective_of(training)
+    if objective.on_policy and training["history"] != "current":
+        raise ConfigError(
+            f"{source}: training.loss={training['loss']!r} is on-policy and trains on the round's own samples "
+            f"only: training.history must be 'current', found {training['history']!r}"
+        )
+    if objective.groups and config["sampling"]["num_samples"] < 2:
+        raise ConfigError(
+            f"{source}: training.loss={training['loss']!r} compares completions within a prompt's group and needs "
+            f"sampling.num_samples >= 2, found {config['sampling']['num_samples']}"
+        )
 
 
 def uses_reference(training: dict) -> bool:
-    """Whether the round's loss needs reference log-probs (and so a reference job)."""
-    if training["loss"] in REFERENCE_FREE_LOSSES:
-        return False
-    return not (training["loss"] == "grpo" and training["grpo"]["kl_weight"] == 0)
+    """Whether the round's loss needs reference log-probs (and so a reference job): its registry entry says."""
+    return objective_of(training).needs_reference(training)
 
 
 def history_rounds(training: dict, round_n: int) -> list[int]:

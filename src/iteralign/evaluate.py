@@ -187,7 +187,7 @@ def reward_summary(current: HeldOut, baseline: HeldOut | None, previous: HeldOut
             rate, ci = 0.5, [0.5, 0.5]
         else:
             rate, ci = win_rate(rewards, other.rewards, n_resamples, seed + _SEED_OFFSETS[offset], margin)
-        # win_rate_ci95 (vs round 0) keeps the name the spine gave it.
+        # the interval of win_rate_vs_r0 is named win_rate_ci95 (docs/artifacts.md), not win_rate_vs_r0_ci95
         out[key], out["win_rate_ci95" if key == "win_rate_vs_r0" else f"{key}_ci95"] = rate, ci
     at_length = float(np.mean(reference.output_tokens)) if len(reference.output_tokens) else math.nan
     value, ci, slope = length_controlled_reward(rewards, current.output_tokens, at_length, n_resamples,
@@ -269,12 +269,12 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
     """
     import torch
 
+    from iteralign.logps import batched_completion_logps
     from iteralign.modeling import default_device, load_causal_lm, load_tokenizer
     from iteralign.prompts import messages_from_cell
     from iteralign.sample import generate, sample_frame
     from iteralign.score import score_samples
-    from iteralign.train.data import PromptRenderer, encode
-    from iteralign.train.logps import batched_completion_logps
+    from iteralign.tokens import PromptRenderer, encode
 
     ecfg, tcfg = config["evaluation"], config["training"]
     eval_prompts = prompts_frame[prompts_frame["split"] == "eval"].sort_values("prompt_id")

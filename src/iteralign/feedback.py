@@ -398,9 +398,9 @@ def check_finite_sample_rewards(records: list[dict], path: str | Path) -> None:
 
 def check_trainable(items: list[dict], loss: str, path: str | Path) -> None:
     """Raise when the file's feedback type is not one the loss trains on."""
-    from iteralign.config import LOSS_FEEDBACK_TYPES
+    from iteralign.train.objectives import OBJECTIVES
 
-    accepted = LOSS_FEEDBACK_TYPES[loss]
+    accepted = OBJECTIVES[loss].feedback_types
     for index, item in enumerate(items):
         kind = item["type"].removesuffix("_feedback")
         if kind not in accepted:

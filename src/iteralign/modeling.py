@@ -128,10 +128,11 @@ def load_pretrained(auto_class, path: Path, **kwargs):
 _RECREATE = "re-create {path} by re-running the step that wrote it (snakemake --forcerun), or restore it from a copy"
 
 
-def default_device():
+def default_device(use_gpu: bool = True):
+    """The GPU when ``use_gpu`` and CUDA is present, else the CPU (a torch.device)."""
     import torch
 
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
 def set_threads(threads: int | None) -> None:

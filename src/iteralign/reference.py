@@ -5,7 +5,8 @@ job never holds a reference model in memory. Rows are keyed by
 (prompt_id, completion_key), which is how the trainer looks them up. Under
 ``accelerate launch`` each process scores its share of the sequences and the
 shares are gathered back in input order; only the main process writes.
-Reference-free losses (``iteralign.config.REFERENCE_FREE_LOSSES``) need no such job.
+A loss whose registry entry (``iteralign.train.objectives``) needs no reference
+has no such job. :class:`ReferenceLogps` is the table as the trainer reads it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
 
     from iteralign.config import ConfigError, uses_reference
     from iteralign.feedback import check_trainable, load_feedback
+    from iteralign.logps import batched_completion_logps
     from iteralign.modeling import load_causal_lm, load_tokenizer
-    from iteralign.train.data import PromptRenderer, completion_key, encode, training_sequences
-    from iteralign.train.logps import batched_completion_logps
+    from iteralign.tokens import PromptRenderer, completion_key, encode
+    from iteralign.train.data import training_sequences
+    from iteralign.train.objectives import training_examples
     from iteralign.train.processes import make_accelerator
 
     tcfg = config["training"]
@@ -35,7 +38,7 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
                           "it needs no reference log-probs")
     items = load_feedback(feedback_path)
     check_trainable(items, tcfg["loss"], feedback_path)
-    sequences = training_sequences(items, tcfg["loss"], config["seed"])
+    sequences = training_sequences(training_examples(items, tcfg["loss"], config["seed"]))
     trust = config["policy"]["trust_remote_code"]
     tokenizer = load_tokenizer(checkpoint, trust)
     render = PromptRenderer(tokenizer)
@@ -68,3 +71,37 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
         "num_tokens": pd.array(counts, dtype="int64"),
         "truncated": truncated,
     }, columns=REFERENCE_COLUMNS)
+
+
+def load_reference_logps(paths: list[str | Path]) -> dict[tuple[str, str], float]:
+    """``(prompt_id, completion_key) -> reference_logp`` over the reference tables at ``paths``."""
+    from iteralign.artifacts import check_columns, read_parquet
+
+    table: dict[tuple[str, str], float] = {}
+    columns = ["prompt_id", "completion_key", "reference_logp"]
+    for path in paths:
+        frame = read_parquet(path)
+        check_columns(frame, columns, path)
+        table.update(zip(zip(frame.prompt_id, frame.completion_key, strict=True), frame.reference_logp.astype(float),
+                         strict=True))
+    return table
+
+
+class ReferenceLogps:
+    """The reference log-prob of a (prompt_id, completion), from the round's reference tables."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.table, self.sources = load_reference_logps(paths), [str(s) for s in paths]
+
+    def __call__(self, prompt_id: str, completion: str) -> float:
+        from iteralign.errors import UserError
+        from iteralign.tokens import completion_key
+
+        key = (prompt_id, completion_key(completion))
+        if key not in self.table:
+            raise UserError(
+                f"{', '.join(self.sources)}: no reference log-prob for prompt_id {prompt_id} completion "
+                f"{completion!r:.60}; expected one for every feedback completion",
+                hint="re-run the reference step on this round's feedback file",
+            )
+        return self.table[key]

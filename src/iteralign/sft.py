@@ -58,10 +58,11 @@ def run_sft(config: dict, output: str | Path, metrics_path: str | Path, provenan
     from tqdm import tqdm
 
     from iteralign.artifacts import write_jsonl
+    from iteralign.logps import completion_logps
+    from iteralign.modeling import default_device
+    from iteralign.tokens import PromptRenderer, collate, encode
     from iteralign.train.checkpoint import save_checkpoint
-    from iteralign.train.data import PromptRenderer, collate, encode
-    from iteralign.train.logps import completion_logps
-    from iteralign.train.trainer import lr_lambda
+    from iteralign.train.schedule import lr_lambda
 
     scfg, tcfg = config["sft"], config["training"]
     examples = load_sft_examples(config)
@@ -72,7 +73,7 @@ def run_sft(config: dict, output: str | Path, metrics_path: str | Path, provenan
 
     encoded = [encode(tokenizer, render(prompt_id(msgs), msgs), out, tcfg["max_length"], tcfg["max_prompt_length"])
                for msgs, out in examples]
-    device = torch.device("cuda") if torch.cuda.is_available() and tcfg["gpus"] > 0 else torch.device("cpu")
+    device = default_device(use_gpu=tcfg["gpus"] > 0)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=scfg["lr"], weight_decay=scfg["weight_decay"])
     steps = scfg["epochs"] * math.ceil(len(encoded) / scfg["batch_size"])

@@ -14,18 +14,9 @@ import torch
 
 from iteralign.config import derived_seed
 from iteralign.sample import Completion, check_decoding, cut_at_stop
+from iteralign.tokens import pad
 
 log = logging.getLogger(__name__)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, length - len(row) :] = torch.tensor(row)
-        attention_mask[i, length - len(row) :] = 1
-    return input_ids, attention_mask
 
 
 @torch.no_grad()
@@ -66,7 +57,7 @@ def generate(
     results: list[list[Completion]] = [[] for _ in prompt_texts]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_index, batch in enumerate(tqdm(batches, desc=progress, disable=progress is None, mininterval=5)):
-        input_ids, attention_mask = _left_pad([encoded[i] for i in batch], pad_id)
+        input_ids, attention_mask = pad([encoded[i] for i in batch], pad_id, left=True)
         torch.manual_seed(derived_seed(seed, batch_index))
         out = model.generate(
             input_ids=input_ids.to(device),

@@ -105,19 +105,6 @@ def chunks(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def pad_right(sequences: list[list[int]], pad_id: int, device):
-    """input_ids and attention_mask, ``[B, L]``, right-padded (as classification heads expect)."""
-    import torch
-
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 # ---------------------------------------------------------------- outputs
 LOGIT_INDEX = {"bradley_terry": 0, "two_class": 1}  # the logit a head reads as the reward
 
@@ -183,17 +170,18 @@ def weight_vector(weights: dict[str, float], names: list[str]) -> list[float]:
 # ---------------------------------------------------------------- the scorer
 def _process_layout(use_gpu: bool):
     """(rank, world size, device): accelerate's when launched by it, else this process alone."""
-    import torch
+    from iteralign.modeling import default_device
 
-    gpu = use_gpu and torch.cuda.is_available()
+    device = default_device(use_gpu)
+    gpu = device.type == "cuda"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
         state = PartialState(cpu=not gpu)  # on CPU: gloo, one process per launched rank
         return state.process_index, state.num_processes, state.device
-    if use_gpu and not torch.cuda.is_available():
+    if use_gpu and not gpu:
         log.warning("scoring.gpus > 0 but no GPU is visible: scoring on CPU")
-    return 0, 1, torch.device("cuda" if gpu else "cpu")
+    return 0, 1, device
 
 
 def _dtype(name: str, device):
@@ -241,11 +229,13 @@ class RewardModelScorer:
         import torch
         from tqdm import tqdm
 
+        from iteralign.tokens import pad
+
         rows = []
         with torch.inference_mode(), tqdm(total=len(indices), desc="score", unit="sample", disable=not show) as bar:
             for batch in chunks(indices, self.cfg["batch_size"]):
-                input_ids, attention_mask = pad_right([encoded[i] for i in batch], pad_id, device)
-                output = model(input_ids=input_ids, attention_mask=attention_mask)
+                input_ids, attention_mask = pad([encoded[i] for i in batch], pad_id)  # heads expect right padding
+                output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
                 if self.head is None:
                     self.head = resolve_head(self.cfg["head"], output)
                     if show:

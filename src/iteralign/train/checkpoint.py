@@ -42,14 +42,6 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict) -> None:
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-
-
 def save_checkpoint(
     path: str | Path,
     model,

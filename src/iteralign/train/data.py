@@ -1,72 +1,28 @@
-"""From feedback items to token tensors: encoding, truncation, examples per loss, batching.
+"""From feedback items to training examples and their token tensors, and batching.
 
-The reference job and the train job both go through :func:`training_examples`,
-so the sequences whose reference log-probs are precomputed are exactly the ones
-the trainer looks up (by prompt id and completion hash).
+Each loss's entry in :mod:`iteralign.train.objectives` names its example builder
+(``*_examples``: feedback items to :class:`Pair` or :class:`Unpaired`) and its token
+builder (``*_tensors``: those to token ids with reference log-probs). The reference
+job and the train job both build examples through that entry, so the sequences
+whose reference log-probs are precomputed are exactly the ones the trainer looks
+up (by prompt id and completion hash).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from iteralign.modeling import render_prompt
-
-
-@dataclass
-class Encoded:
-    """One prompt+completion as token ids; targets are ids[completion_start:]."""
-
-    input_ids: list[int]
-    completion_start: int
-    truncated_prompt: bool = False
-    truncated_completion: bool = False
-
-
-def completion_key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def encode(tokenizer, prompt_text: str, completion: str, max_length: int, max_prompt_length: int) -> Encoded:
-    """Tokenize prompt and completion separately (as they were sampled) and append EOS.
-
-    A prompt longer than max_prompt_length keeps its last tokens; a completion that
-    still does not fit is cut at max_length. Both are flagged so callers count them.
-    """
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
-    completion_ids = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    truncated_prompt = len(prompt_ids) > max_prompt_length
-    if truncated_prompt:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    truncated_completion = len(prompt_ids) + len(completion_ids) > max_length
-    if truncated_completion:
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
-    return Encoded(prompt_ids + completion_ids, len(prompt_ids), truncated_prompt, truncated_completion)
-
-
-def collate(batch: list[Encoded], pad_id: int, device=None) -> dict:
-    """Right-padded input_ids, attention_mask and completion_mask, ``[B, L]``."""
-    import torch
-
-    length = max(len(e.input_ids) for e in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    completion_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        attention_mask[row, :n] = 1
-        completion_mask[row, e.completion_start : n] = 1
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+from iteralign.tokens import Encoded, PromptRenderer, completion_key, encode
 
 
 # ---------------------------------------------------------------- examples
 @dataclass
 class Pair:
+    """A preference pair: two completions of one prompt, the preferred one first."""
+
     prompt_id: str
     prompt: list[dict]
     chosen: str
@@ -74,7 +30,7 @@ class Pair:
 
 
 @dataclass
-class Single:
+class Unpaired:
     """One completion: binary feedback, a split pair, or a scalar-scored sample (``reward``)."""
 
     prompt_id: str
@@ -96,68 +52,72 @@ def pairs_from_feedback(items: list[dict]) -> list[Pair]:
     return pairs
 
 
-def singles_from_feedback(items: list[dict]) -> list[Single]:
+def unpaired_from_feedback(items: list[dict]) -> list[Unpaired]:
     """Binary items as they are; pairwise items split into a desirable and an undesirable one."""
-    singles = []
+    unpaired = []
     for item in items:
         if item["type"] == "binary_feedback":
-            singles.append(Single(item["prompt_id"], item["prompt"], item["output_text"], bool(item["label"])))
+            unpaired.append(Unpaired(item["prompt_id"], item["prompt"], item["output_text"], bool(item["label"])))
         else:
             for pair in pairs_from_feedback([item]):
-                singles.append(Single(pair.prompt_id, pair.prompt, pair.chosen, True))
-                singles.append(Single(pair.prompt_id, pair.prompt, pair.rejected, False))
-    return singles
+                unpaired.append(Unpaired(pair.prompt_id, pair.prompt, pair.chosen, True))
+                unpaired.append(Unpaired(pair.prompt_id, pair.prompt, pair.rejected, False))
+    return unpaired
 
 
-def assign_kl_partners(singles: list[Single], seed: int) -> None:
+def assign_kl_partners(examples: list[Unpaired], seed: int) -> None:
     """Give each example a completion from another prompt, for KTO's KL reference point.
 
     A seeded shuffle, then each example takes the completion of the next example in
     that order whose prompt differs (as HALOs shifts completions within a batch, but
     fixed in advance so the reference job can precompute the mismatched log-probs).
     """
-    n = len(singles)
+    n = len(examples)
     if n == 0:
         return
     order = np.random.default_rng(seed).permutation(n)
     for position, index in enumerate(order):
         for step in range(1, n):
-            partner = singles[order[(position + step) % n]]
-            if partner.prompt_id != singles[index].prompt_id:
+            partner = examples[order[(position + step) % n]]
+            if partner.prompt_id != examples[index].prompt_id:
                 break
         else:
-            partner = singles[order[(position + 1) % n]]  # one prompt only: no mismatch exists
-        singles[index].kl_prompt_id = singles[index].prompt_id
-        singles[index].kl_prompt = singles[index].prompt
-        singles[index].kl_completion = partner.completion
+            partner = examples[order[(position + 1) % n]]  # one prompt only: no mismatch exists
+        examples[index].kl_prompt_id = examples[index].prompt_id
+        examples[index].kl_prompt = examples[index].prompt
+        examples[index].kl_completion = partner.completion
 
 
-def scored_from_feedback(items: list[dict]) -> list[Single]:
+def scored_from_feedback(items: list[dict]) -> list[Unpaired]:
     """Scalar feedback: each completion with its reward, in file order (grouped by prompt)."""
-    return [Single(item["prompt_id"], item["prompt"], item["output_text"], reward=float(item["reward"]))
+    return [Unpaired(item["prompt_id"], item["prompt"], item["output_text"], reward=float(item["reward"]))
             for item in items]
 
 
-def training_examples(items: list[dict], loss: str, seed: int) -> list[Pair] | list[Single]:
-    """The examples a loss trains on, from one feedback file.
-
-    Paired losses take the pairs; kto takes binary items, or pairs split in two, each
-    with a KL partner; sft keeps the desirable side of those; grpo takes scalar items.
-    """
-    from iteralign.config import PAIRED_LOSSES
-
-    if loss in PAIRED_LOSSES:
-        return pairs_from_feedback(items)
-    if loss == "grpo":
-        return scored_from_feedback(items)
-    singles = singles_from_feedback(items)
-    if loss == "sft":
-        return [single for single in singles if single.desirable]
-    assign_kl_partners(singles, seed)
-    return singles
+# ---------------------------------------------------------------- the examples of each loss (objectives.py)
+def pair_examples(items: list[dict], seed: int) -> list[Pair]:
+    """Paired losses: every pairwise item as (chosen, rejected)."""
+    return pairs_from_feedback(items)
 
 
-def training_sequences(items: list[dict], loss: str, seed: int) -> list[tuple[str, list[dict], str]]:
+def kto_examples(items: list[dict], seed: int) -> list[Unpaired]:
+    """KTO: binary items, or pairs split in two, each with a KL partner drawn with ``seed``."""
+    examples = unpaired_from_feedback(items)
+    assign_kl_partners(examples, seed)
+    return examples
+
+
+def desirable_examples(items: list[dict], seed: int) -> list[Unpaired]:
+    """SFT: the desirable side of binary or split pairwise items."""
+    return [example for example in unpaired_from_feedback(items) if example.desirable]
+
+
+def scored_examples(items: list[dict], seed: int) -> list[Unpaired]:
+    """GRPO: scalar items with their rewards."""
+    return scored_from_feedback(items)
+
+
+def training_sequences(examples: list[Pair] | list[Unpaired]) -> list[tuple[str, list[dict], str]]:
     """Every distinct (prompt_id, prompt, completion) the trainer needs reference log-probs of."""
     seen, sequences = set(), []
 
@@ -167,7 +127,7 @@ def training_sequences(items: list[dict], loss: str, seed: int) -> list[tuple[st
             seen.add(key)
             sequences.append((prompt_id, prompt, completion))
 
-    for example in training_examples(items, loss, seed):
+    for example in examples:
         if isinstance(example, Pair):
             add(example.prompt_id, example.prompt, example.chosen)
             add(example.prompt_id, example.prompt, example.rejected)
@@ -176,6 +136,74 @@ def training_sequences(items: list[dict], loss: str, seed: int) -> list[tuple[st
             if example.kl_completion is not None:
                 add(example.kl_prompt_id, example.kl_prompt, example.kl_completion)
     return sequences
+
+
+# ---------------------------------------------------------------- token examples of each loss
+class CountingEncoder:
+    """``(prompt_id, prompt, completion) -> Encoded`` at the round's lengths, counting truncations."""
+
+    def __init__(self, tokenizer, training: dict):
+        self.tokenizer, self.training = tokenizer, training
+        self.render = PromptRenderer(tokenizer)
+        self.counts = {"truncated_prompts": 0, "truncated_completions": 0, "sequences": 0}
+
+    def __call__(self, prompt_id: str, prompt: list[dict], completion: str) -> Encoded:
+        e = encode(self.tokenizer, self.render(prompt_id, prompt), completion, self.training["max_length"],
+                   self.training["max_prompt_length"])
+        self.counts["sequences"] += 1
+        self.counts["truncated_prompts"] += e.truncated_prompt
+        self.counts["truncated_completions"] += e.truncated_completion
+        return e
+
+
+# What a token-example builder gets: the encoder above and the reference log-prob of
+# (prompt_id, completion), None for a reference-free loss.
+Encoder = Callable[[str, list[dict], str], Encoded]
+ReferenceLogp = Callable[[str, str], float | None]
+
+
+def pair_tensors(examples: list[Pair], encode: Encoder, reference: ReferenceLogp, training: dict) -> list[dict]:
+    """Chosen and rejected token ids with their reference log-probs."""
+    return [{"chosen": encode(ex.prompt_id, ex.prompt, ex.chosen),
+             "rejected": encode(ex.prompt_id, ex.prompt, ex.rejected),
+             "reference_chosen": reference(ex.prompt_id, ex.chosen),
+             "reference_rejected": reference(ex.prompt_id, ex.rejected)} for ex in examples]
+
+
+def kto_tensors(examples: list[Unpaired], encode: Encoder, reference: ReferenceLogp, training: dict) -> list[dict]:
+    """A completion, its label and reference log-prob, and its KL partner with its reference log-prob."""
+    return [{"completion": encode(ex.prompt_id, ex.prompt, ex.completion),
+             "reference": reference(ex.prompt_id, ex.completion),
+             "desirable": ex.desirable,
+             "kl": encode(ex.kl_prompt_id, ex.kl_prompt, ex.kl_completion),
+             "reference_kl": reference(ex.kl_prompt_id, ex.kl_completion)} for ex in examples]
+
+
+def sft_tensors(examples: list[Unpaired], encode: Encoder, reference: ReferenceLogp, training: dict) -> list[dict]:
+    """A completion's token ids only."""
+    return [{"completion": encode(ex.prompt_id, ex.prompt, ex.completion)} for ex in examples]
+
+
+def grpo_tensors(examples: list[Unpaired], encode: Encoder, reference: ReferenceLogp, training: dict) -> list[dict]:
+    """A completion, its reference log-prob and its advantage within its prompt's group (of this file)."""
+    import torch
+
+    from iteralign.train.losses import group_advantages
+
+    group_ids = {pid: i for i, pid in enumerate(dict.fromkeys(ex.prompt_id for ex in examples))}
+    advantages = group_advantages(
+        torch.tensor([ex.reward for ex in examples], dtype=torch.float64),
+        torch.tensor([group_ids[ex.prompt_id] for ex in examples]),
+        training["grpo"]["scale_by_std"],
+    ).tolist()
+    return [{"completion": encode(ex.prompt_id, ex.prompt, ex.completion),
+             "reference": reference(ex.prompt_id, ex.completion),
+             "advantage": advantage} for ex, advantage in zip(examples, advantages, strict=True)]
+
+
+def example_length(example: dict) -> int:
+    """Tokens of the longest sequence an example puts in its forward pass."""
+    return max(len(example[key].input_ids) for key in ("chosen", "rejected", "completion") if key in example)
 
 
 # ---------------------------------------------------------------- batching
@@ -204,32 +232,3 @@ def plan_batches(lengths: list[int], batch_size: int, seed, group_by_length: boo
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return [sorted(batch, key=lambda i: -lengths[i]) for batch in batches]
-
-
-def process_chunks(batch: list, rank: int, world: int, micro_batch_size: int) -> list[tuple[list, float]]:
-    """This process's micro-batches of a global batch, each with its weight (1, or 0 for padding).
-
-    Items are dealt round-robin (``batch[rank::world]``), so a batch sorted by length
-    gives every process a similar share. Every process returns the same number of
-    micro-batches, as FSDP (and DDP's buffer broadcast) need the same number of
-    forward passes on every rank: a process short of items repeats its first chunk
-    (or the batch's first item) with weight 0.
-    """
-    local = batch[rank::world]
-    count = math.ceil(math.ceil(len(batch) / world) / micro_batch_size)
-    chunks = [(local[i : i + micro_batch_size], 1.0) for i in range(0, len(local), micro_batch_size)]
-    filler = chunks[0][0] if chunks else batch[:1]
-    return chunks + [(filler, 0.0)] * (count - len(chunks))
-
-
-class PromptRenderer:
-    """Memoised chat-template rendering: many completions share one prompt."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._cache: dict[str, str] = {}
-
-    def __call__(self, prompt_id: str, prompt: list[dict]) -> str:
-        if prompt_id not in self._cache:
-            self._cache[prompt_id] = render_prompt(self.tokenizer, prompt)
-        return self._cache[prompt_id]

@@ -6,9 +6,9 @@ length, and its hyperparameters. It returns per-example losses plus the implicit
 rewards the loss defines (detached), so the trainer can log margins and
 accuracies the same way for every loss. Nothing here imports anything but torch.
 
-Which loss trains on which feedback, and which needs the reference model, is in
-``iteralign.config`` (``LOSS_FEEDBACK_TYPES``, ``REFERENCE_FREE_LOSSES``) and in
-docs/training.md.
+Which loss trains on which feedback, whether it needs the reference model, and
+how the trainer calls it is in the registry ``iteralign.train.objectives`` (and
+the table of docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ def dpo_loss(
     beta: float,
     nll_weight: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimization (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290),
-    with the optional NLL term of RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733).
+    with the optional NLL term of RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733) and
+    the optional label smoothing of conservative DPO (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
 
-    loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + nll_weight * (-pi_c / |y_c|)
+    With h = beta * ((pi_c - ref_c) - (pi_r - ref_r)) and eps = label_smoothing, the
+    probability that a label is flipped:
+    loss = -(1 - eps) * log sigmoid(h) - eps * log sigmoid(-h) + nll_weight * (-pi_c / |y_c|)
 
     Args:
         policy_chosen_logps: ``[B]`` log pi(y_chosen | x), summed over completion tokens.
@@ -40,6 +44,7 @@ def dpo_loss(
         beta: strength of the implicit KL penalty.
         nll_weight: RPO's alpha; 0 is plain DPO. The NLL is per token of the chosen completion.
         chosen_lengths: ``[B]`` token counts of the chosen completions; needed when nll_weight > 0.
+        label_smoothing: cDPO's eps in [0, 0.5); 0 is plain DPO.
 
     Returns:
         losses ``[B]``, chosen_rewards ``[B]`` and rejected_rewards ``[B]``, where a
@@ -47,7 +52,11 @@ def dpo_loss(
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    logits = beta * (chosen_logratios - rejected_logratios)
+    if label_smoothing:
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    else:
+        losses = -F.logsigmoid(logits)
     if nll_weight:
         if chosen_lengths is None:
             raise ValueError("dpo_loss: nll_weight > 0 needs chosen_lengths")
@@ -55,33 +64,12 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def cdpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Conservative DPO: DPO with label smoothing (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
-
-    With h = beta * ((pi_c - ref_c) - (pi_r - ref_r)) and eps the probability that a
-    label is flipped: loss = -(1 - eps) * log sigmoid(h) - eps * log sigmoid(-h).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-            reference_rejected_logps: ``[B]`` summed log-probs, as in :func:`dpo_loss`.
-        beta: strength of the implicit KL penalty.
-        label_smoothing: eps in [0, 0.5).
-
-    Returns:
-        losses ``[B]``, chosen_rewards ``[B]``, rejected_rewards ``[B]`` (``beta * (log pi - log ref)``).
-    """
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+def cdpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+              reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor, beta: float,
+              label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Conservative DPO (``training.loss: cdpo``): :func:`dpo_loss` with label smoothing and no NLL term."""
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta, label_smoothing=label_smoothing)
 
 
 def ipo_loss(

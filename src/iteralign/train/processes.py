@@ -13,8 +13,9 @@ def make_accelerator(training: dict):
 
     Mixed precision (training.mixed_precision) applies on GPU only: CPU runs float32.
     """
-    import torch
     from accelerate import Accelerator
 
-    use_cpu = training["gpus"] == 0 or not torch.cuda.is_available()
+    from iteralign.modeling import default_device
+
+    use_cpu = default_device(use_gpu=training["gpus"] > 0).type == "cpu"
     return Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else training["mixed_precision"])

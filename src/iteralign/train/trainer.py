@@ -20,160 +20,60 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from iteralign import tracking
 from iteralign.artifacts import write_jsonl
-from iteralign.config import PAIRED_LOSSES, history_rounds, round_seed, uses_reference
+from iteralign.config import round_seed
 from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
+from iteralign.logps import batched_completion_logps, completion_logps
 from iteralign.modeling import load_causal_lm, load_tokenizer
-from iteralign.train import losses
+from iteralign.reference import ReferenceLogps
+from iteralign.tokens import collate, process_chunks
 from iteralign.train.checkpoint import (
     load_training_state,
     optimizer_state_to_save,
     rng_state,
     save_checkpoint,
 )
-from iteralign.train.data import (
-    Pair,
-    PromptRenderer,
-    collate,
-    completion_key,
-    encode,
-    plan_batches,
-    process_chunks,
-    training_examples,
-)
-from iteralign.train.logps import batched_completion_logps, completion_logps
+from iteralign.train.data import CountingEncoder, example_length, plan_batches
+from iteralign.train.objectives import Objective, objective_of
 from iteralign.train.processes import make_accelerator
+from iteralign.train.schedule import estimated_total_steps, lr_lambda
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------- schedule
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
-    """Multiplier of the base lr after ``step`` optimizer steps of the whole run."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def estimated_total_steps(config: dict) -> int:
-    """Upper bound of optimizer steps over the whole run, for decaying schedules."""
-    tcfg = config["training"]
-    if tcfg["schedule_total_steps"]:
-        return tcfg["schedule_total_steps"]
-    k = config["sampling"]["num_samples"]
-    fb = config["feedback"]
-    if fb["type"] == "pairwise":
-        per_prompt = k // 2 if fb["pairwise"]["mode"] == "random" else 1
-        if tcfg["loss"] == "kto":
-            per_prompt *= 2  # each pair is split in two
-    else:
-        per_prompt = k  # binary and scalar: one item per sample (sft keeps the desirable ones)
-    items = config["prompts"]["per_round"] * per_prompt
-    steps = sum(math.ceil(items * len(history_rounds(tcfg, n)) / tcfg["batch_size"])
-                for n in range(1, config["rounds"] + 1))
-    return tcfg["epochs"] * steps
-
-
 # ---------------------------------------------------------------- data
-def load_reference_logps(paths: list[str | Path]) -> dict[tuple[str, str], float]:
-    from iteralign.artifacts import check_columns, read_parquet
-
-    table: dict[tuple[str, str], float] = {}
-    columns = ["prompt_id", "completion_key", "reference_logp"]
-    for path in paths:
-        frame = read_parquet(path)
-        check_columns(frame, columns, path)
-        table.update(zip(zip(frame.prompt_id, frame.completion_key, strict=True), frame.reference_logp.astype(float), strict=True))
-    return table
+def _no_reference(prompt_id: str, completion: str) -> None:
+    """The reference log-prob of a reference-free loss's sequence: none."""
+    return None
 
 
-class _Lookup:
-    def __init__(self, table: dict, sources: list):
-        self.table, self.sources = table, [str(s) for s in sources]
-
-    def __call__(self, prompt_id: str, completion: str) -> float:
-        key = (prompt_id, completion_key(completion))
-        if key not in self.table:
-            raise UserError(
-                f"{', '.join(self.sources)}: no reference log-prob for prompt_id {prompt_id} completion "
-                f"{completion!r:.60}; expected one for every feedback completion",
-                hint="re-run the reference step on this round's feedback file",
-            )
-        return self.table[key]
-
-
-def build_examples(feedback_paths: list[str | Path], config: dict, tokenizer, reference) -> tuple[list[dict], dict]:
+def build_examples(feedback_paths: list[str | Path], config: dict, tokenizer,
+                   reference: ReferenceLogps | None) -> tuple[list[dict], dict]:
     """Token ids (+ reference log-probs, advantages) of every training example, and truncation counts.
 
     Each feedback file is turned into examples on its own, as its reference job did
-    (KTO's KL partners are drawn within a file). ``reference`` is None for reference-free losses.
+    (KTO's KL partners are drawn within a file), by the loss's registry entry.
+    ``reference`` is None for reference-free losses.
     """
     tcfg = config["training"]
-    loss = tcfg["loss"]
-    render = PromptRenderer(tokenizer)
-    counts = {"truncated_prompts": 0, "truncated_completions": 0, "sequences": 0}
-
-    def enc(prompt_id, prompt, completion):
-        e = encode(tokenizer, render(prompt_id, prompt), completion, tcfg["max_length"], tcfg["max_prompt_length"])
-        counts["sequences"] += 1
-        counts["truncated_prompts"] += e.truncated_prompt
-        counts["truncated_completions"] += e.truncated_completion
-        return e
-
-    def ref(prompt_id, completion):
-        return reference(prompt_id, completion) if reference is not None else None
-
+    objective = objective_of(tcfg)
+    encoder = CountingEncoder(tokenizer, tcfg)
     examples = []
     for path in feedback_paths:
         items = load_feedback(path)
-        check_trainable(items, loss, path)
-        file_examples = training_examples(items, loss, config["seed"])
-        if loss == "grpo":
-            group_ids = {pid: i for i, pid in enumerate(dict.fromkeys(ex.prompt_id for ex in file_examples))}
-            advantages = losses.group_advantages(
-                torch.tensor([ex.reward for ex in file_examples], dtype=torch.float64),
-                torch.tensor([group_ids[ex.prompt_id] for ex in file_examples]),
-                tcfg["grpo"]["scale_by_std"],
-            ).tolist()
-        for position, ex in enumerate(file_examples):
-            if isinstance(ex, Pair):
-                examples.append({
-                    "chosen": enc(ex.prompt_id, ex.prompt, ex.chosen),
-                    "rejected": enc(ex.prompt_id, ex.prompt, ex.rejected),
-                    "reference_chosen": ref(ex.prompt_id, ex.chosen),
-                    "reference_rejected": ref(ex.prompt_id, ex.rejected),
-                })
-            elif loss == "kto":
-                examples.append({
-                    "completion": enc(ex.prompt_id, ex.prompt, ex.completion),
-                    "reference": ref(ex.prompt_id, ex.completion),
-                    "desirable": ex.desirable,
-                    "kl": enc(ex.kl_prompt_id, ex.kl_prompt, ex.kl_completion),
-                    "reference_kl": ref(ex.kl_prompt_id, ex.kl_completion),
-                })
-            elif loss == "grpo":
-                examples.append({
-                    "completion": enc(ex.prompt_id, ex.prompt, ex.completion),
-                    "reference": ref(ex.prompt_id, ex.completion),
-                    "advantage": advantages[position],
-                })
-            else:  # sft
-                examples.append({"completion": enc(ex.prompt_id, ex.prompt, ex.completion)})
+        check_trainable(items, tcfg["loss"], path)
+        file_examples = objective.examples(items, config["seed"])
+        examples.extend(objective.tensors(file_examples, encoder, reference if reference is not None else _no_reference,
+                                          tcfg))
+    counts = encoder.counts
     if counts["truncated_prompts"]:
         log.warning("%d of %d sequences had their prompt cut to its last training.max_prompt_length=%d tokens",
                     counts["truncated_prompts"], counts["sequences"], tcfg["max_prompt_length"])
@@ -183,81 +83,18 @@ def build_examples(feedback_paths: list[str | Path], config: dict, tokenizer, re
     return examples, counts
 
 
-def example_length(example: dict) -> int:
-    """Tokens of the longest sequence an example puts in its forward pass."""
-    return max(len(example[key].input_ids) for key in ("chosen", "rejected", "completion") if key in example)
-
-
 # ---------------------------------------------------------------- loss of one micro-batch
-def _values(batch: list[dict], key: str, device) -> torch.Tensor | None:
-    """A float32 tensor of one field over a micro-batch (None for reference-free losses)."""
-    if batch[0][key] is None:
-        return None
-    return torch.tensor([b[key] for b in batch], dtype=torch.float32, device=device)
-
-
-def paired_objective(tcfg: dict, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                     chosen_lengths, rejected_lengths):
-    """The configured paired loss: per-example losses, chosen and rejected rewards."""
-    loss, beta = tcfg["loss"], tcfg["beta"]
-    if loss == "dpo":
-        return losses.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta,
-                               tcfg["dpo"]["nll_weight"], chosen_lengths)
-    if loss == "cdpo":
-        return losses.cdpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta,
-                                tcfg["cdpo"]["label_smoothing"])
-    if loss == "ipo":
-        return losses.ipo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                               chosen_lengths, rejected_lengths, beta)
-    if loss == "slic":
-        return losses.slic_loss(policy_chosen, policy_rejected, chosen_lengths, tcfg["slic"]["margin"],
-                                tcfg["slic"]["nll_weight"])
-    if loss == "simpo":
-        return losses.simpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-                                 tcfg["simpo"]["beta"], tcfg["simpo"]["gamma"])
-    if loss == "orpo":
-        return losses.orpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths,
-                                tcfg["orpo"]["odds_ratio_weight"])
-    raise UserError(f"training.loss: {loss!r} is not a paired loss; expected one of {PAIRED_LOSSES}")
-
-
 def _micro_batch_loss(model, batch: list[dict], tcfg: dict, pad_id: int, device, kl: torch.Tensor | None):
     """Sum of per-example losses of a micro-batch, and sums for the step's metrics (detached
     tensors: they are read once per step, in _reduce_sums, not synchronised per micro-batch)."""
-    loss = tcfg["loss"]
-    paired = loss in PAIRED_LOSSES
-    sequences = [b["chosen"] for b in batch] + [b["rejected"] for b in batch] if paired else \
+    objective = objective_of(tcfg)
+    sequences = [b["chosen"] for b in batch] + [b["rejected"] for b in batch] if objective.paired else \
         [b["completion"] for b in batch]
     tensors = collate(sequences, pad_id, device)  # chosen and rejected in one forward pass
     logps, lengths = completion_logps(model, **tensors)
     sums = {"tokens": sum(len(s.input_ids) for s in sequences), "positions": tensors["attention_mask"].numel()}
-    if paired:
-        n = len(batch)
-        per_example, chosen_r, rejected_r = paired_objective(
-            tcfg, logps[:n], logps[n:], _values(batch, "reference_chosen", device),
-            _values(batch, "reference_rejected", device), lengths[:n], lengths[n:])
-        sums.update(reward_chosen=chosen_r.sum().detach(), reward_rejected=rejected_r.sum().detach(),
-                    accuracy=(chosen_r > rejected_r).float().sum().detach(),
-                    logp_chosen=logps[:n].detach().sum(), logp_rejected=logps[n:].detach().sum())
-    elif loss == "kto":
-        desirable = torch.tensor([b["desirable"] for b in batch], device=device)
-        kcfg = tcfg["kto"]
-        per_example, rewards = losses.kto_loss(logps, _values(batch, "reference", device), desirable, kl,
-                                               tcfg["beta"], kcfg["desirable_weight"], kcfg["undesirable_weight"])
-        sums.update(reward_desirable=rewards[desirable].sum().detach(),
-                    reward_undesirable=rewards[~desirable].sum().detach(), desirable=desirable.sum().detach())
-    elif loss == "sft":
-        per_example, mean_logps = losses.sft_loss(logps, lengths)
-        sums.update(logp_per_token=mean_logps.sum().detach())
-    else:  # grpo
-        gcfg = tcfg["grpo"]
-        advantages = _values(batch, "advantage", device)
-        per_example, kl_terms, ratios = losses.grpo_loss(
-            logps, _values(batch, "old", device), _values(batch, "reference", device), lengths, advantages,
-            gcfg["clip_epsilon"], gcfg["kl_weight"])
-        clipped = ((ratios > 1 + gcfg["clip_epsilon"]) & (advantages > 0)) | \
-            ((ratios < 1 - gcfg["clip_epsilon"]) & (advantages < 0))
-        sums.update(kl=kl_terms.sum().detach(), ratio=ratios.sum().detach(), clip_fraction=clipped.float().sum().detach())
+    per_example, objective_sums = objective.objective(batch, logps, lengths, tcfg, device, kl)
+    sums.update(objective_sums)
     return per_example.sum(), sums
 
 
@@ -268,25 +105,10 @@ def _reduce_sums(accelerator, sums: dict[str, torch.Tensor | float]) -> dict[str
     return dict(zip(keys, accelerator.reduce(packed, "sum").tolist(), strict=True))
 
 
-def _step_means(sums: dict[str, float], n: int) -> dict[str, float]:
-    """Per-example means for the metrics line; KTO rewards are averaged within their label."""
-    out = {"loss": sums["loss"] / n}
-    if "reward_chosen" in sums:
-        out.update({k: sums[k] / n for k in ("reward_chosen", "reward_rejected", "accuracy",
-                                             "logp_chosen", "logp_rejected")})
-        out["margin"] = out["reward_chosen"] - out["reward_rejected"]
-    elif "desirable" in sums:
-        n_desirable = sums["desirable"]
-        out.update(
-            reward_desirable=sums["reward_desirable"] / n_desirable if n_desirable else float("nan"),
-            reward_undesirable=sums["reward_undesirable"] / (n - n_desirable) if n > n_desirable else float("nan"),
-            desirable_fraction=n_desirable / n,
-        )
-    else:
-        out.update({k: sums[k] / n for k in ("logp_per_token", "kl", "ratio", "clip_fraction") if k in sums})
-    out["tokens"] = int(sums["tokens"])
-    out["padding"] = 1 - sums["tokens"] / sums["positions"]
-    return out
+def _step_means(sums: dict[str, float], n: int, objective: Objective) -> dict[str, float]:
+    """Per-example means for the metrics line: the loss, the objective's own metrics, tokens and padding."""
+    return {"loss": sums["loss"] / n, **objective.means(sums, n), "tokens": int(sums["tokens"]),
+            "padding": 1 - sums["tokens"] / sums["positions"]}
 
 
 @torch.no_grad()
@@ -317,6 +139,228 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+# ---------------------------------------------------------------- set-up and resume
+@dataclass
+class _Round:
+    """What the phases of one round share: the prepared model and optimizer, the examples, the counters."""
+
+    config: dict
+    round_n: int
+    objective: Objective
+    accelerator: Any
+    tokenizer: Any
+    model: Any  # as accelerator.prepare returned it
+    optimizer: torch.optim.Optimizer  # the unwrapped optimizer, whose state is saved
+    prepared_optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    examples: list[dict]
+    truncation: dict
+    first_step: int  # global step at the start of the round
+    global_step: int
+    examples_seen: int
+
+    @property
+    def training(self) -> dict:
+        return self.config["training"]
+
+
+def _reference_logps(tcfg: dict, objective: Objective, reference_paths: list[str | Path]) -> ReferenceLogps | None:
+    """The reference tables the loss needs, or None (with a warning when some were given in vain)."""
+    if objective.needs_reference(tcfg):
+        if not reference_paths:
+            raise UserError(f"training.loss={tcfg['loss']!r} needs reference log-probs (--reference), found none")
+        return ReferenceLogps(reference_paths)
+    if reference_paths:
+        log.warning("training.loss=%r is reference-free: the reference tables %s are not used", tcfg["loss"],
+                    [str(p) for p in reference_paths])
+    return None
+
+
+def _optimizer_and_schedule(model, config: dict):
+    tcfg = config["training"]
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"],
+        weight_decay=tcfg["weight_decay"],
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tcfg["schedule"], tcfg["warmup_steps"], estimated_total_steps(config))
+    )
+    return optimizer, scheduler
+
+
+def _start_round(config: dict, round_n: int, feedback_paths: list[str | Path], reference_paths: list[str | Path],
+                 init_checkpoint: str | Path) -> _Round:
+    """Load the policy of round n-1, the round's examples, and the optimizer and scheduler state."""
+    tcfg = config["training"]
+    objective = objective_of(tcfg)
+    accelerator = make_accelerator(tcfg)
+    torch.manual_seed(round_seed(config, round_n))
+    tokenizer = load_tokenizer(init_checkpoint, config["policy"]["trust_remote_code"])
+    model = load_causal_lm(init_checkpoint, config["policy"]["trust_remote_code"])
+    if tcfg["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    reference = _reference_logps(tcfg, objective, reference_paths)
+    examples, truncation = build_examples(feedback_paths, config, tokenizer, reference)
+    optimizer, scheduler = _optimizer_and_schedule(model, config)
+    parameter_names = [name for name, _ in model.named_parameters()]  # the optimizer's order
+    model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    # after prepare, so that FSDP shards the loaded state like the parameters
+    previous, resumed = load_training_state(init_checkpoint, optimizer, scheduler, model, parameter_names)
+    first_step = previous.get("global_step", 0)
+    if resumed:
+        log.info("round %d: resumed optimizer and scheduler at global step %d (lr %.3g)",
+                 round_n, first_step, scheduler.get_last_lr()[0])
+    else:
+        log.info("round %d: %s has no optimizer state; starting a fresh optimizer", round_n, init_checkpoint)
+    return _Round(config, round_n, objective, accelerator, tokenizer, model, optimizer, prepared_optimizer,
+                  scheduler, examples, truncation, first_step, first_step, previous.get("examples_seen", 0))
+
+
+# ---------------------------------------------------------------- GRPO's old policy
+def _score_old_policy(run: _Round) -> None:
+    """The old policy of GRPO's ratio is the one that sampled this round: the policy as
+    it starts the round, scored once before the first update."""
+    accelerator = run.accelerator
+    with accelerator.autocast():
+        old, _ = batched_completion_logps(
+            run.model, [e["completion"] for e in run.examples], run.tokenizer.pad_token_id,
+            2 * run.training["micro_batch_size"], accelerator.device, progress="old policy",
+            rank=accelerator.process_index, world=accelerator.num_processes)
+    for example, logp in zip(run.examples, old.tolist(), strict=True):
+        example["old"] = logp
+    flat = sum(e["advantage"] == 0 for e in run.examples)
+    if flat:
+        log.info("round %d: %d of %d completions have advantage 0 (a group of equal rewards)",
+                 run.round_n, flat, len(run.examples))
+
+
+# ---------------------------------------------------------------- one optimizer step
+def _optimizer_step(run: _Round, global_batch: list[dict]) -> tuple[dict[str, float], Any, torch.Tensor | None]:
+    """Accumulate the gradient of a global batch over this process's micro-batches and step:
+    the step's metric sums over all processes, the gradient norm, and KTO's reference point."""
+    accelerator, tcfg, model = run.accelerator, run.training, run.model
+    world, pad_id = accelerator.num_processes, run.tokenizer.pad_token_id
+    # every process runs the same number of micro-batches; padding ones have weight 0
+    chunks = process_chunks(global_batch, accelerator.process_index, world, tcfg["micro_batch_size"])
+    kl = None
+    if run.objective.reference_point:  # under the same autocast as the loss and the reference job
+        with accelerator.autocast():
+            kl = _kto_reference_point(accelerator, model, chunks, pad_id)
+    step_sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
+    for index, (chunk, weight) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        context = contextlib.nullcontext() if last else accelerator.no_sync(model)
+        with context, accelerator.autocast():
+            chunk_loss, chunk_sums = _micro_batch_loss(model, chunk, tcfg, pad_id, accelerator.device, kl)
+            accelerator.backward(chunk_loss * weight * world / len(global_batch))
+        chunk_sums["loss"] = chunk_loss.detach()
+        for key, value in chunk_sums.items():
+            step_sums[key] = step_sums.get(key, 0.0) + value * weight
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"])
+    run.prepared_optimizer.step()
+    run.scheduler.step()
+    run.prepared_optimizer.zero_grad(set_to_none=True)
+    run.global_step += 1
+    run.examples_seen += len(global_batch)
+    return _reduce_sums(accelerator, step_sums), grad_norm, kl
+
+
+def _step_row(run: _Round, epoch: int, examples: int, grad_norm, seconds: float, sums: dict[str, float],
+              kl: torch.Tensor | None) -> dict:
+    """The step's line of train_r{n}.jsonl."""
+    row = {"round": run.round_n, "step": run.global_step, "round_step": run.global_step - run.first_step,
+           "epoch": epoch, "examples": examples, "lr": run.scheduler.get_last_lr()[0],
+           "grad_norm": float(grad_norm), "examples_seen": run.examples_seen,
+           "seconds": seconds, **_step_means(sums, examples, run.objective)}
+    if kl is not None:
+        row["kl"] = kl.item()
+    return row
+
+
+def _train_epochs(run: _Round, feedback_files: int) -> tuple[list[dict], dict, int]:
+    """Every optimizer step of the round: the metrics rows, the padding totals, the number of steps."""
+    from tqdm import tqdm
+
+    tcfg, round_n, batch_size = run.training, run.round_n, run.training["batch_size"]
+    lengths = [example_length(e) for e in run.examples]
+    total_steps = math.ceil(len(run.examples) / batch_size) * tcfg["epochs"]
+    if not run.examples:
+        log.warning("round %d: the feedback has no trainable items; the policy is carried over unchanged", round_n)
+    log.info("round %d: %d examples from %d feedback file(s), %d steps of %d on %d process(es)", round_n,
+             len(run.examples), feedback_files, total_steps, batch_size, run.accelerator.num_processes)
+    rows: list[dict] = []
+    padding = {"tokens": 0, "positions": 0}
+    started = previous_step_end = time.monotonic()
+    progress = tqdm(total=total_steps, desc=f"train r{round_n}", disable=not run.accelerator.is_main_process,
+                    mininterval=5)
+    for epoch in range(tcfg["epochs"]):
+        for batch_indices in plan_batches(lengths, batch_size, [run.config["seed"], round_n, epoch],
+                                          tcfg["group_by_length"]):
+            global_batch = [run.examples[i] for i in batch_indices]
+            sums, grad_norm, kl = _optimizer_step(run, global_batch)
+            step_end = time.monotonic()
+            padding["tokens"] += sums["tokens"]
+            padding["positions"] += sums["positions"]
+            rows.append(_step_row(run, epoch, len(global_batch), grad_norm, step_end - previous_step_end, sums, kl))
+            previous_step_end = step_end
+            progress.update(1)
+            if run.accelerator.is_main_process:
+                _log_step(round_n, rows[-1])
+    progress.close()
+    seconds = time.monotonic() - started
+    padding["waste"] = 1 - padding["tokens"] / padding["positions"] if padding["positions"] else 0.0
+    log.info("round %d: %d tokens in %.1f s (%.0f tokens/s), padding %.1f%% of forward positions", round_n,
+             padding["tokens"], seconds, padding["tokens"] / max(seconds, 1e-9), 100 * padding["waste"])
+    return rows, padding, total_steps
+
+
+# ---------------------------------------------------------------- save
+def _trainer_state(run: _Round, feedback_paths: list[str | Path], total_steps: int, padding: dict,
+                   provenance) -> dict:
+    """trainer_state.json of the round's checkpoint."""
+    return {
+        "round": run.round_n,
+        "global_step": run.global_step,
+        "examples_seen": run.examples_seen,
+        "steps_this_round": total_steps,
+        "epochs": run.training["epochs"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "world_size": run.accelerator.num_processes,
+        "config_hash": provenance.base["config_hash"] if provenance else None,
+        "feedback_files": [str(p) for p in feedback_paths],
+        "truncation": run.truncation,
+        "padding": padding,
+        "rng": rng_state(),
+    }
+
+
+def _save_round(run: _Round, state: dict, rows: list[dict], output_checkpoint: str | Path,
+                metrics_path: str | Path, provenance) -> None:
+    """ckpt_r{n}/FINAL, then train_r{n}.jsonl: a metrics file on disk means the checkpoint is complete."""
+    accelerator = run.accelerator
+    # collectives: every process takes part in gathering the full weights and optimizer state
+    full_state_dict = accelerator.get_state_dict(run.model)
+    optimizer_state = optimizer_state_to_save(run.model, run.optimizer)
+    if accelerator.is_main_process:
+        extra = {"round": run.round_n, "steps": state["steps_this_round"], "examples": len(run.examples),
+                 "truncation": run.truncation, "padding": state["padding"]}
+        record = provenance.record(**extra) if provenance else None
+        save_checkpoint(
+            output_checkpoint,
+            accelerator.unwrap_model(run.model),
+            run.tokenizer,
+            state,
+            optimizer_state=optimizer_state,
+            scheduler_state=run.scheduler.state_dict(),
+            provenance=record,
+            state_dict=full_state_dict,
+        )
+        write_jsonl(rows, metrics_path, record)
+        tracking.log_train_steps(run.config, rows)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 # ---------------------------------------------------------------- the round
 def train_round(
     config: dict,
@@ -328,156 +372,13 @@ def train_round(
     metrics_path: str | Path,
     provenance=None,
 ) -> dict:
-    from tqdm import tqdm
-
-    tcfg = config["training"]
-    accelerator = make_accelerator(tcfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    torch.manual_seed(round_seed(config, round_n))
-
-    tokenizer = load_tokenizer(init_checkpoint, config["policy"]["trust_remote_code"])
-    model = load_causal_lm(init_checkpoint, config["policy"]["trust_remote_code"])
-    if tcfg["gradient_checkpointing"]:
-        enable_gradient_checkpointing(model)
-    reference = None
-    if uses_reference(tcfg):
-        if not reference_paths:
-            raise UserError(f"training.loss={tcfg['loss']!r} needs reference log-probs (--reference), found none")
-        reference = _Lookup(load_reference_logps(reference_paths), reference_paths)
-    elif reference_paths:
-        log.warning("training.loss=%r is reference-free: the reference tables %s are not used", tcfg["loss"],
-                    [str(p) for p in reference_paths])
-    examples, truncation = build_examples(feedback_paths, config, tokenizer, reference)
-
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"],
-        weight_decay=tcfg["weight_decay"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tcfg["schedule"], tcfg["warmup_steps"], estimated_total_steps(config))
-    )
-    parameter_names = [name for name, _ in model.named_parameters()]  # the optimizer's order
-    model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    # after prepare, so that FSDP shards the loaded state like the parameters
-    previous, resumed = load_training_state(init_checkpoint, optimizer, scheduler, model, parameter_names)
-    global_step = previous.get("global_step", 0)
-    examples_seen = previous.get("examples_seen", 0)
-    if resumed:
-        log.info("round %d: resumed optimizer and scheduler at global step %d (lr %.3g)",
-                 round_n, global_step, scheduler.get_last_lr()[0])
-    else:
-        log.info("round %d: %s has no optimizer state; starting a fresh optimizer", round_n, init_checkpoint)
-    device, pad_id = accelerator.device, tokenizer.pad_token_id
-    batch_size, micro = tcfg["batch_size"], tcfg["micro_batch_size"]
-
-    if tcfg["loss"] == "grpo" and examples:
-        # The old policy of GRPO's ratio is the one that sampled this round: the policy
-        # as it starts the round, scored once before the first update.
-        with accelerator.autocast():
-            old, _ = batched_completion_logps(model, [e["completion"] for e in examples], pad_id, 2 * micro, device,
-                                              progress="old policy", rank=rank, world=world)
-        for example, logp in zip(examples, old.tolist(), strict=True):
-            example["old"] = logp
-        flat = sum(e["advantage"] == 0 for e in examples)
-        if flat:
-            log.info("round %d: %d of %d completions have advantage 0 (a group of equal rewards)",
-                     round_n, flat, len(examples))
-    model.train()
-
-    lengths = [example_length(e) for e in examples]
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total_steps = steps_per_epoch * tcfg["epochs"]
-    if not examples:
-        log.warning("round %d: the feedback has no trainable items; the policy is carried over unchanged", round_n)
-    log.info("round %d: %d examples from %d feedback file(s), %d steps of %d on %d process(es)", round_n,
-             len(examples), len(feedback_paths), total_steps, batch_size, world)
-    rows: list[dict] = []
-    padding = {"tokens": 0, "positions": 0}
-    started = previous_step_end = time.monotonic()
-    progress = tqdm(total=total_steps, desc=f"train r{round_n}", disable=not accelerator.is_main_process,
-                    mininterval=5)
-    for epoch in range(tcfg["epochs"]):
-        batches = plan_batches(lengths, batch_size, [config["seed"], round_n, epoch], tcfg["group_by_length"])
-        for batch_indices in batches:
-            global_batch = [examples[i] for i in batch_indices]
-            # every process runs the same number of micro-batches; padding ones have weight 0
-            chunks = process_chunks(global_batch, rank, world, micro)
-            kl = None
-            if tcfg["loss"] == "kto":  # under the same autocast as the loss and the reference job
-                with accelerator.autocast():
-                    kl = _kto_reference_point(accelerator, model, chunks, pad_id)
-            step_sums: dict[str, torch.Tensor | float] = {"loss": 0.0}
-            for index, (chunk, weight) in enumerate(chunks):
-                last = index == len(chunks) - 1
-                context = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                with context, accelerator.autocast():
-                    chunk_loss, chunk_sums = _micro_batch_loss(model, chunk, tcfg, pad_id, device, kl)
-                    accelerator.backward(chunk_loss * weight * world / len(global_batch))
-                chunk_sums["loss"] = chunk_loss.detach()
-                for key, value in chunk_sums.items():
-                    step_sums[key] = step_sums.get(key, 0.0) + value * weight
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tcfg["max_grad_norm"])
-            prepared_optimizer.step()
-            scheduler.step()
-            prepared_optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            examples_seen += len(global_batch)
-
-            sums = _reduce_sums(accelerator, step_sums)
-            step_end = time.monotonic()
-            padding["tokens"] += sums["tokens"]
-            padding["positions"] += sums["positions"]
-            row = {"round": round_n, "step": global_step, "round_step": global_step - previous.get("global_step", 0),
-                   "epoch": epoch, "examples": len(global_batch), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "examples_seen": examples_seen,
-                   "seconds": step_end - previous_step_end, **_step_means(sums, len(global_batch))}
-            previous_step_end = step_end
-            if kl is not None:
-                row["kl"] = kl.item()
-            rows.append(row)
-            progress.update(1)
-            if accelerator.is_main_process:
-                _log_step(round_n, row)
-    progress.close()
-    seconds = time.monotonic() - started
-    padding["waste"] = 1 - padding["tokens"] / padding["positions"] if padding["positions"] else 0.0
-    log.info("round %d: %d tokens in %.1f s (%.0f tokens/s), padding %.1f%% of forward positions", round_n,
-             padding["tokens"], seconds, padding["tokens"] / max(seconds, 1e-9), 100 * padding["waste"])
-
-    state = {
-        "round": round_n,
-        "global_step": global_step,
-        "examples_seen": examples_seen,
-        "steps_this_round": total_steps,
-        "epochs": tcfg["epochs"],
-        "lr": scheduler.get_last_lr()[0],
-        "world_size": world,
-        "config_hash": provenance.base["config_hash"] if provenance else None,
-        "feedback_files": [str(p) for p in feedback_paths],
-        "truncation": truncation,
-        "padding": padding,
-        "rng": rng_state(),
-    }
-    # collectives: every process takes part in gathering the full weights and optimizer state
-    full_state_dict = accelerator.get_state_dict(model)
-    optimizer_state = optimizer_state_to_save(model, optimizer)
-    if accelerator.is_main_process:
-        extra = {"round": round_n, "steps": total_steps, "examples": len(examples), "truncation": truncation,
-                 "padding": padding}
-        record = provenance.record(**extra) if provenance else None
-        # The checkpoint first: a train_r{n}.jsonl on disk means ckpt_r{n}/FINAL is complete.
-        save_checkpoint(
-            output_checkpoint,
-            accelerator.unwrap_model(model),
-            tokenizer,
-            state,
-            optimizer_state=optimizer_state,
-            scheduler_state=scheduler.state_dict(),
-            provenance=record,
-            state_dict=full_state_dict,
-        )
-        write_jsonl(rows, metrics_path, record)
-        tracking.log_train_steps(config, rows)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    """Train the policy one round on ``feedback_paths``; write ``output_checkpoint`` and
+    ``metrics_path``; return the checkpoint's trainer state."""
+    run = _start_round(config, round_n, feedback_paths, reference_paths, init_checkpoint)
+    if run.objective.old_policy and run.examples:
+        _score_old_policy(run)
+    run.model.train()
+    rows, padding, total_steps = _train_epochs(run, len(feedback_paths))
+    state = _trainer_state(run, feedback_paths, total_steps, padding, provenance)
+    _save_round(run, state, rows, output_checkpoint, metrics_path, provenance)
     return state

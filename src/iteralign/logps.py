@@ -1,11 +1,11 @@
-"""Per-sequence log-probabilities of completions, shared by reference, train and evaluate."""
+"""Per-sequence log-probabilities of completions, shared by reference, train, sft and evaluate."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from iteralign.train.data import Encoded, collate, process_chunks
+from iteralign.tokens import Encoded, collate, process_chunks
 
 
 def completion_logps(
