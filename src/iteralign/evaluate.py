@@ -260,6 +260,41 @@ def _aligned(other, prompt_ids):
 
 
 # ---------------------------------------------------------------- the step
+def _score_held_out(frame, config: dict) -> str | None:
+    """Add the training scorer's ``reward``/``error`` columns to ``frame`` and, with
+    ``evaluation.scorer``, that scorer's; returns the evaluation scorer's name (None without one)."""
+    from iteralign.score import score_samples
+
+    rewards, _ = score_samples(frame, config)
+    frame["reward"] = rewards["reward"].to_numpy()
+    frame["error"] = rewards["error"].to_numpy()
+    if config["evaluation"]["scorer"] is None:
+        return None
+    held_out_rewards, _ = score_samples(frame, config, config["evaluation"]["scorer"])
+    frame["eval_scorer_reward"] = held_out_rewards["reward"].to_numpy()
+    frame["eval_scorer_error"] = held_out_rewards["error"].to_numpy()
+    return str(held_out_rewards["scorer"].iloc[0]) if len(held_out_rewards) else None
+
+
+def _summary(config: dict, round_n: int, frame, baseline_frame, previous_frame, seed: int,
+             eval_scorer: str | None) -> dict:
+    """eval_r{n}.json of a scored frame with its log-probs, against rounds 0 and n-1."""
+    ecfg = config["evaluation"]
+    prompt_ids = frame["prompt_id"]
+    baseline, previous = _aligned(baseline_frame, prompt_ids), _aligned(previous_frame, prompt_ids)
+    n_resamples = ecfg["bootstrap_samples"]
+    summary = summarize(round_n, _held_out(frame, "reward"), frame["policy_logp"].to_numpy(),
+                        frame["reference_logp"].to_numpy(), frame["finish_reason"].to_numpy(),
+                        _held_out(baseline, "reward"), _held_out(previous, "reward"), n_resamples, seed,
+                        ecfg["tie_margin"])
+    if eval_scorer is not None:
+        column = "eval_scorer_reward"
+        summary["eval_scorer"] = {"name": eval_scorer, **reward_summary(
+            _held_out(frame, column), _held_out(baseline, column), _held_out(previous, column), n_resamples, seed,
+            ecfg["tie_margin"])}
+    return summary
+
+
 def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, reference_checkpoint: str,
              baseline_frame=None, previous_frame=None):
     """Generate on the eval split, score, compute KL; returns (rows frame, summary dict).
@@ -273,10 +308,9 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
     from iteralign.modeling import default_device, load_causal_lm, load_tokenizer
     from iteralign.prompts import messages_from_cell
     from iteralign.sample import generate, sample_frame
-    from iteralign.score import score_samples
     from iteralign.tokens import PromptRenderer, encode
 
-    ecfg, tcfg = config["evaluation"], config["training"]
+    tcfg = config["training"]
     eval_prompts = prompts_frame[prompts_frame["split"] == "eval"].sort_values("prompt_id")
     prompts = [messages_from_cell(p) for p in eval_prompts["prompt"]]
     settings = decoding_settings(config)
@@ -286,15 +320,7 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
                           prompt_ids=list(eval_prompts["prompt_id"]))
     frame = sample_frame(round_n, list(eval_prompts["prompt_id"]), prompts, generation.texts,
                          generation.completions, checkpoint, seed)
-    rewards, _ = score_samples(frame, config)
-    frame["reward"] = rewards["reward"].to_numpy()
-    frame["error"] = rewards["error"].to_numpy()
-    eval_scorer = None
-    if ecfg["scorer"] is not None:
-        held_out_rewards, _ = score_samples(frame, config, ecfg["scorer"])
-        eval_scorer = str(held_out_rewards["scorer"].iloc[0]) if len(held_out_rewards) else None
-        frame["eval_scorer_reward"] = held_out_rewards["reward"].to_numpy()
-        frame["eval_scorer_error"] = held_out_rewards["error"].to_numpy()
+    eval_scorer = _score_held_out(frame, config)
     frame = frame.drop(columns=["sample_id"])
 
     # KL to the reference on these generations: log-probs under the policy and under SFT.
@@ -318,19 +344,7 @@ def evaluate(config: dict, round_n: int, prompts_frame, checkpoint: str, referen
                                                               device)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-    prompt_ids = frame["prompt_id"]
-    baseline, previous = _aligned(baseline_frame, prompt_ids), _aligned(previous_frame, prompt_ids)
-    n_resamples = ecfg["bootstrap_samples"]
-    summary = summarize(round_n, _held_out(frame, "reward"), frame["policy_logp"].to_numpy(),
-                        frame["reference_logp"].to_numpy(), frame["finish_reason"].to_numpy(),
-                        _held_out(baseline, "reward"), _held_out(previous, "reward"), n_resamples, seed,
-                        ecfg["tie_margin"])
-    if eval_scorer is not None:
-        column = "eval_scorer_reward"
-        summary["eval_scorer"] = {"name": eval_scorer, **reward_summary(
-            _held_out(frame, column), _held_out(baseline, column), _held_out(previous, column), n_resamples, seed,
-            ecfg["tie_margin"])}
+    summary = _summary(config, round_n, frame, baseline_frame, previous_frame, seed, eval_scorer)
     summary["decoding"] = settings
     summary["backend"] = backend
     return frame, summary

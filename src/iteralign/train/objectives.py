@@ -52,10 +52,12 @@ class Objective:
 
 
 def always(training: dict) -> bool:
+    """A loss that always needs the reference log-probs."""
     return True
 
 
 def never(training: dict) -> bool:
+    """A reference-free loss."""
     return False
 
 
@@ -141,6 +143,7 @@ def paired_objective(pair_loss: Callable[[dict, PairLogps], tuple]) -> Callable:
 
 
 def paired_means(sums: dict, n: int) -> dict:
+    """Per-pair means of the rewards, accuracy and log-probs, and the reward margin."""
     out = {k: sums[k] / n for k in ("reward_chosen", "reward_rejected", "accuracy", "logp_chosen", "logp_rejected")}
     out["margin"] = out["reward_chosen"] - out["reward_rejected"]
     return out
@@ -148,12 +151,14 @@ def paired_means(sums: dict, n: int) -> dict:
 
 # ---------------------------------------------------------------- unpaired losses
 def kto_objective(batch, logps, lengths, training, device, reference_point):
+    """KTO against the step's reference point; rewards summed per label."""
     import torch
 
     desirable = torch.tensor([b["desirable"] for b in batch], device=device)
     kto = training["kto"]
-    per_example, rewards = _losses().kto_loss(logps, _values(batch, "reference", device), desirable, reference_point,
-                                    training["beta"], kto["desirable_weight"], kto["undesirable_weight"])
+    per_example, rewards = _losses().kto_loss(logps, _values(batch, "reference", device), desirable,
+                                              reference_point, training["beta"], kto["desirable_weight"],
+                                              kto["undesirable_weight"])
     return per_example, {"reward_desirable": rewards[desirable].sum().detach(),
                          "reward_undesirable": rewards[~desirable].sum().detach(),
                          "desirable": desirable.sum().detach()}
@@ -170,11 +175,13 @@ def kto_means(sums: dict, n: int) -> dict:
 
 
 def sft_objective(batch, logps, lengths, training, device, reference_point):
+    """The per-token NLL; logs the per-token log-likelihood."""
     per_example, mean_logps = _losses().sft_loss(logps, lengths)
     return per_example, {"logp_per_token": mean_logps.sum().detach()}
 
 
 def grpo_objective(batch, logps, lengths, training, device, reference_point):
+    """GRPO against the old policy's log-probs; logs KL, ratio and the fraction clipped."""
     grpo = training["grpo"]
     advantages = _values(batch, "advantage", device)
     per_example, kl_terms, ratios = _losses().grpo_loss(
@@ -192,9 +199,10 @@ def means_of(*keys: str) -> Callable[[dict, int], dict]:
 
 
 # ---------------------------------------------------------------- the registry
-def _paired_entry(pair_loss: Callable, needs_reference: Callable[[dict], bool]) -> Objective:
-    return Objective(frozenset({"pairwise"}), True, needs_reference, data.pair_examples, data.pair_tensors,
-                     paired_objective(pair_loss), paired_means)
+def _paired_entry(pair_loss: Callable[[dict, PairLogps], tuple], needs_reference: Callable[[dict], bool]) -> Objective:
+    return Objective(feedback_types=frozenset({"pairwise"}), paired=True, needs_reference=needs_reference,
+                     examples=data.pair_examples, tensors=data.pair_tensors, objective=paired_objective(pair_loss),
+                     means=paired_means)
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -206,13 +214,15 @@ OBJECTIVES: dict[str, Objective] = {
     "orpo": _paired_entry(_orpo, never),
     # kto and sft also take pairwise feedback: each pair is split into a desirable and
     # an undesirable example (sft then keeps the desirable ones)
-    "kto": Objective(frozenset({"binary", "pairwise"}), False, always, data.kto_examples, data.kto_tensors,
-                     kto_objective, kto_means, examples_per_pair=2, reference_point=True),
-    "sft": Objective(frozenset({"binary", "pairwise"}), False, never, data.desirable_examples, data.sft_tensors,
-                     sft_objective, means_of("logp_per_token")),
-    "grpo": Objective(frozenset({"scalar"}), False, grpo_needs_reference, data.scored_examples, data.grpo_tensors,
-                      grpo_objective, means_of("kl", "ratio", "clip_fraction"), old_policy=True, on_policy=True,
-                      groups=True),
+    "kto": Objective(feedback_types=frozenset({"binary", "pairwise"}), paired=False, needs_reference=always,
+                     examples=data.kto_examples, tensors=data.kto_tensors, objective=kto_objective,
+                     means=kto_means, examples_per_pair=2, reference_point=True),
+    "sft": Objective(feedback_types=frozenset({"binary", "pairwise"}), paired=False, needs_reference=never,
+                     examples=data.desirable_examples, tensors=data.sft_tensors, objective=sft_objective,
+                     means=means_of("logp_per_token")),
+    "grpo": Objective(feedback_types=frozenset({"scalar"}), paired=False, needs_reference=grpo_needs_reference,
+                      examples=data.scored_examples, tensors=data.grpo_tensors, objective=grpo_objective,
+                      means=means_of("kl", "ratio", "clip_fraction"), old_policy=True, on_policy=True, groups=True),
 }
 
 
