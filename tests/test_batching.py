@@ -17,7 +17,7 @@ from iteralign.errors import UserError
 from iteralign.logps import completion_logps
 from iteralign.modeling import load_causal_lm
 from iteralign.reference import reference_logps
-from iteralign.tokens import Encoded, collate, process_chunks
+from iteralign.tokens import Encoded, collate, pad, process_chunks
 from iteralign.train.data import plan_batches
 from iteralign.train.schedule import estimated_total_steps
 from iteralign.train.trainer import enable_gradient_checkpointing, train_round
@@ -83,6 +83,17 @@ def test_padding_is_measured_per_step_and_for_the_round(tmp_path, tiny_checkpoin
     assert sum(row["tokens"] for row in rows) == state["padding"]["tokens"]
     assert 0 < state["padding"]["waste"] < 1
     assert all(0 <= row["padding"] < 1 for row in rows)
+
+
+def test_padding_goes_on_the_side_asked_and_the_masks_mark_the_tokens():
+    rows = [[5, 6, 7], [8]]
+    right_ids, right_mask = pad(rows, 0)
+    left_ids, left_mask = pad(rows, 0, left=True)
+    assert right_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and right_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert left_ids.tolist() == [[5, 6, 7], [0, 0, 8]] and left_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    batch = collate([Encoded([1, 5, 6, 2], 2), Encoded([1, 9, 2], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 9, 2, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint, tiny_tokenizer):
