@@ -12,6 +12,7 @@ this module; :data:`ROUND_FILE` is the one pattern that reads a round back from 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 Round = int | str  # a round number, or "{n}" in a rule's pattern
@@ -33,32 +34,22 @@ def round_name(kind: str, round_n: Round, ext: str) -> str:
     return f"{kind}_r{round_n}.{ext}"
 
 
-def samples(round_n: Round) -> str:
-    return round_name("samples", round_n, "parquet")
+def _round_file(kind: str, ext: str, what: str) -> Callable[[Round], str]:
+    def name(round_n: Round) -> str:
+        return round_name(kind, round_n, ext)
+
+    name.__doc__ = f"{kind}_r{{n}}.{ext}: {what}"
+    return name
 
 
-def rewards(round_n: Round) -> str:
-    return round_name("rewards", round_n, "parquet")
-
-
-def feedback(round_n: Round) -> str:
-    return round_name("feedback", round_n, "json")
-
-
-def reference_logps(round_n: Round) -> str:
-    return round_name("reflogps", round_n, "parquet")
-
-
-def training_metrics(round_n: Round) -> str:
-    return round_name("train", round_n, "jsonl")
-
-
-def eval_table(round_n: Round) -> str:
-    return round_name("eval", round_n, "parquet")
-
-
-def eval_summary(round_n: Round) -> str:
-    return round_name("eval", round_n, "json")
+samples = _round_file("samples", "parquet", "k completions per training prompt of round n")
+rewards = _round_file("rewards", "parquet", "the scorer's reward of each sample")
+feedback = _round_file("feedback", "json", "pairwise, binary or scalar feedback items")
+reference_logps = _round_file("reflogps", "parquet", "the SFT model's log-probs of the feedback's completions")
+training_metrics = _round_file("train", "jsonl", "one line per optimizer step; written after ckpt_r{n}/FINAL")
+eval_table = _round_file("eval", "parquet", "held-out generations with their rewards")
+eval_summary = _round_file("eval", "json", "held-out metrics of round n's policy")
+round_summary = _round_file("round", "txt", "the console's line of round n (in the experiment's log folder)")
 
 
 def checkpoint_round(round_n: Round) -> str:
@@ -73,11 +64,6 @@ def checkpoint(round_n: Round) -> str:
 
 def pruned_record(round_n: Round) -> str:
     return f"{checkpoint_round(round_n)}/{PRUNED_RECORD}"
-
-
-def round_summary(round_n: Round) -> str:
-    """The console's line of round n, in the experiment's log folder."""
-    return round_name("round", round_n, "txt")
 
 
 def resolved_config(config_hash: str) -> str:
@@ -113,5 +99,5 @@ def round_of(path: Path) -> int | None:
     """The round a results path belongs to: its own name's (samples_r1.parquet, ckpt_r1) or,
     for a checkpoint (ckpt_r1/FINAL), its folder's; None for a file of no round."""
     path = Path(path)
-    parsed = parse_round_file(path.name) or parse_round_file(path.parent.name)
+    parsed = parse_round_file(path.parent.name if path.name == CHECKPOINT_FOLDER else path.name)
     return parsed[1] if parsed else None
