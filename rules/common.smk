@@ -190,18 +190,14 @@ def snakemake_manages_envs():
     return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 
 
-resource = partial(launch.resource, config)  # resource(step, key)
-job_resources = partial(launch.job_resources, config)  # job_resources(step)
-conda_env = partial(launch.conda_env, config)  # conda_env(step)
-
-
-def launcher(step):
-    return launch.launcher(config, step, workflow.basedir)
-
-
-def iteralign_command(step):
-    return launch.iteralign_command(config, step, workflow.basedir, snakemake_manages_envs())
-
+# Each takes the step (the rule's name): resource(step, key), job_resources(step), ...
+resource = partial(launch.resource, config)
+job_resources = partial(launch.job_resources, config)
+conda_env = partial(launch.conda_env, config)
+launcher = partial(launch.launcher, config, basedir=workflow.basedir)
+iteralign_command = partial(
+    launch.iteralign_command, config, basedir=workflow.basedir, conda_managed=snakemake_manages_envs()
+)
 
 iteralign_config.exit_on_input_error(launch.check_vllm_environment, config, workflow.basedir, snakemake_manages_envs())
 if GPU_NOTE := launch.gpu_shortfall(config, visible_gpus):

@@ -3,7 +3,8 @@
 Pure functions of the validated config (defaults filled from the schema, the only
 place they are written), the workflow's folder (``basedir``, where configs/accelerate
 and .venv-vllm live) and, where it matters, whether Snakemake manages conda envs.
-rules/common.smk wraps each in a one-line function the rules call:
+rules/common.smk binds the config and folder to each (functools.partial), and the rules
+call them with the step alone:
 
 - :func:`job_resources`: a step's SLURM resources (docs/cluster.md);
 - :func:`launcher`: ``iteralign``, ``accelerate launch`` over the step's GPUs, or one
