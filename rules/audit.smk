@@ -1,16 +1,16 @@
 rule audit:
     input:
-        evaluations=expand(result("eval_r{n}.json"), n=range(ROUNDS + 1)),
-        training=expand(result("train_r{n}.jsonl"), n=TRAIN_ROUNDS),
+        evaluations=every_round(layout.eval_summary, range(ROUNDS + 1)),
+        training=every_round(layout.training_metrics, TRAIN_ROUNDS),
     output:
-        report(result("audit.tsv"), caption="../report/audit.rst", category="Audit"),
+        report(result(layout.AUDIT), caption="../report/audit.rst", category="Audit"),
     params:
         results=output_folder,
         benchmarks=str(BENCH),
     log:
-        log_file("audit.log"),
+        log_file("audit"),
     benchmark:
-        bench_file("audit.tsv")
+        bench_file("audit")
     localrule: True
     conda:
         conda_env("audit")

@@ -4,14 +4,14 @@
 # the audit table (as `iteralign audit results/<exp>` prints it).
 rule round_summary:
     input:
-        evaluation=result("eval_r{n}.json"),
+        evaluation=result(layout.eval_summary("{n}")),
         feedback=round_feedback,
     output:
-        log_file("round_r{n}.txt"),
+        str(LOGS / layout.round_summary("{n}")),
     params:
         feedback=input_option("feedback"),
     log:
-        log_file("round_summary_r{n}.log"),
+        log_file("round_summary", "{n}"),
     localrule: True
     conda:
         conda_env("round_summary")

@@ -2,19 +2,19 @@
 # Win rates compare with round 0 (baseline) and round n-1 (previous) on those prompts.
 rule evaluate:
     input:
-        prompts=result("prompts.parquet"),
+        prompts=result(layout.PROMPTS),
         checkpoint=round_checkpoint,
         reference=checkpoint_dir(0),
         baseline=eval_baseline,
         previous=eval_previous,
         scorers=evaluation_scorer_files(),
     output:
-        table=result("eval_r{n}.parquet"),
+        table=result(layout.eval_table("{n}")),
         summary=report(
-            result("eval_r{n}.json"),
+            result(layout.eval_summary("{n}")),
             caption="../report/evaluation.rst",
             category="Evaluation",
-            labels={"round": "{n}", "file": "eval_r{n}.json"},
+            labels={"round": "{n}", "file": layout.eval_summary("{n}")},
         ),
     params:
         iteralign=iteralign_command("evaluate"),
@@ -22,9 +22,9 @@ rule evaluate:
         baseline=input_option("baseline"),
         previous=input_option("previous"),
     log:
-        log_file("evaluate_r{n}.log"),
+        log_file("evaluate", "{n}"),
     benchmark:
-        bench_file("evaluate_r{n}.tsv")
+        bench_file("evaluate", "{n}")
     threads: resource("evaluate", "threads")
     resources:
         **job_resources("evaluate"),

@@ -1,15 +1,15 @@
 rule feedback:
     input:
-        samples=result("samples_r{n}.parquet"),
-        rewards=result("rewards_r{n}.parquet"),
+        samples=result(layout.samples("{n}")),
+        rewards=result(layout.rewards("{n}")),
     output:
-        result("feedback_r{n}.json"),
+        result(layout.feedback("{n}")),
     params:
         config=CONFIG_FILE,
     log:
-        log_file("feedback_r{n}.log"),
+        log_file("feedback", "{n}"),
     benchmark:
-        bench_file("feedback_r{n}.tsv")
+        bench_file("feedback", "{n}")
     wildcard_constraints:
         n=r"[1-9]\d*",
     threads: resource("feedback", "threads")

@@ -1,14 +1,14 @@
 rule plan:
     input:
-        prompt_source_file(),
+        stamped_input("prompts.source"),
     output:
-        result("prompts.parquet"),
+        result(layout.PROMPTS),
     params:
         config=CONFIG_FILE,
     log:
-        log_file("plan.log"),
+        log_file("plan"),
     benchmark:
-        bench_file("plan.tsv")
+        bench_file("plan")
     threads: resource("plan", "threads")
     resources:
         **job_resources("plan"),

@@ -2,17 +2,17 @@
 # train job never holds a reference model in memory.
 rule reference:
     input:
-        feedback=result("feedback_r{n}.json"),
+        feedback=result(layout.feedback("{n}")),
         checkpoint=checkpoint_dir(0),
     output:
-        result("reflogps_r{n}.parquet"),
+        result(layout.reference_logps("{n}")),
     params:
         config=CONFIG_FILE,
         launch=launcher("reference"),
     log:
-        log_file("reference_r{n}.log"),
+        log_file("reference", "{n}"),
     benchmark:
-        bench_file("reference_r{n}.tsv")
+        bench_file("reference", "{n}")
     wildcard_constraints:
         n=r"[1-9]\d*",
     threads: resource("reference", "threads")

@@ -1,21 +1,22 @@
 # One self-contained HTML page over every round: plots, the audit table, provenance, config.
 rule report:
     input:
-        evaluations=expand(result("eval_r{n}.{ext}"), n=range(ROUNDS + 1), ext=["json", "parquet"]),
-        training=expand(result("train_r{n}.jsonl"), n=TRAIN_ROUNDS),
-        feedback=expand(result("feedback_r{n}.json"), n=TRAIN_ROUNDS),
-        rewards=expand(result("rewards_r{n}.parquet"), n=TRAIN_ROUNDS),
-        audit=result("audit.tsv"),
+        evaluations=every_round(layout.eval_summary, range(ROUNDS + 1)),
+        tables=every_round(layout.eval_table, range(ROUNDS + 1)),
+        training=every_round(layout.training_metrics, TRAIN_ROUNDS),
+        feedback=every_round(layout.feedback, TRAIN_ROUNDS),
+        rewards=every_round(layout.rewards, TRAIN_ROUNDS),
+        audit=result(layout.AUDIT),
     output:
-        report(result("report.html"), caption="../report/report.rst", category="Report"),
+        report(result(layout.REPORT), caption="../report/report.rst", category="Report"),
     params:
         config=CONFIG_FILE,
         results=output_folder,
         benchmarks=str(BENCH),
     log:
-        log_file("report.log"),
+        log_file("report"),
     benchmark:
-        bench_file("report.tsv")
+        bench_file("report")
     localrule: True
     threads: 1
     resources:

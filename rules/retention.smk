@@ -8,17 +8,17 @@ if config["checkpoints"]["keep_last"]:
 
     rule prune_checkpoint:
         input:
-            evaluation=result("eval_r{n}.json"),
+            evaluation=result(layout.eval_summary("{n}")),
             trained=ancient(later_training_metrics),
         output:
-            result("ckpt_r{n}/pruned.json"),
+            result(layout.pruned_record("{n}")),
         params:
             config=CONFIG_FILE,
             checkpoint=round_checkpoint,
         log:
-            log_file("prune_checkpoint_r{n}.log"),
+            log_file("prune_checkpoint", "{n}"),
         benchmark:
-            bench_file("prune_checkpoint_r{n}.tsv")
+            bench_file("prune_checkpoint", "{n}")
         wildcard_constraints:
             n=r"[1-9]\d*",
         localrule: True

@@ -1,16 +1,16 @@
 rule sample:
     input:
-        prompts=result("prompts.parquet"),
+        prompts=result(layout.PROMPTS),
         checkpoint=previous_checkpoint,
     output:
-        result("samples_r{n}.parquet"),
+        result(layout.samples("{n}")),
     params:
         iteralign=iteralign_command("sample"),
         config=CONFIG_FILE,
     log:
-        log_file("sample_r{n}.log"),
+        log_file("sample", "{n}"),
     benchmark:
-        bench_file("sample_r{n}.tsv")
+        bench_file("sample", "{n}")
     wildcard_constraints:
         n=r"[1-9]\d*",
     threads: resource("sample", "threads")

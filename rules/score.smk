@@ -1,16 +1,16 @@
 rule score:
     input:
-        samples=result("samples_r{n}.parquet"),
+        samples=result(layout.samples("{n}")),
         reward_model=scorer_files(),
     output:
-        result("rewards_r{n}.parquet"),
+        result(layout.rewards("{n}")),
     params:
         config=CONFIG_FILE,
         launch=launcher("score"),
     log:
-        log_file("score_r{n}.log"),
+        log_file("score", "{n}"),
     benchmark:
-        bench_file("score_r{n}.tsv")
+        bench_file("score", "{n}")
     wildcard_constraints:
         n=r"[1-9]\d*",
     threads: resource("score", "threads")

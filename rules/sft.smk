@@ -3,15 +3,15 @@ if config["policy"]["sft_checkpoint"]:
 
     rule link_sft:
         input:
-            stamp=sft_checkpoint_stamp(),
+            stamp=stamped_input("policy.sft_checkpoint"),
         output:
             directory(checkpoint_dir(0)),
         params:
             config=CONFIG_FILE,
         log:
-            log_file("link_sft.log"),
+            log_file("link_sft"),
         benchmark:
-            bench_file("link_sft.tsv")
+            bench_file("link_sft")
         localrule: True
         conda:
             conda_env("link_sft")
@@ -22,16 +22,16 @@ else:
 
     rule sft:
         input:
-            sft_data_file(),
+            stamped_input("sft.data"),
         output:
             checkpoint=directory(checkpoint_dir(0)),
-            metrics=result("sft.jsonl"),
+            metrics=result(layout.SFT_METRICS),
         params:
             config=CONFIG_FILE,
         log:
-            log_file("sft.log"),
+            log_file("sft"),
         benchmark:
-            bench_file("sft.tsv")
+            bench_file("sft")
         threads: resource("sft", "threads")
         resources:
             **job_resources("sft"),

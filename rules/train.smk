@@ -8,7 +8,7 @@ rule train:
         checkpoint=previous_checkpoint,
     output:
         checkpoint=directory(checkpoint_dir("{n}")),
-        metrics=result("train_r{n}.jsonl"),
+        metrics=result(layout.training_metrics("{n}")),
     params:
         config=CONFIG_FILE,
         launch=launcher("train"),
@@ -17,9 +17,9 @@ rule train:
     message:
         "{params.rebuilds}"  # empty (Snakemake's usual job lines) unless it rebuilds a pruned checkpoint
     log:
-        log_file("train_r{n}.log"),
+        log_file("train", "{n}"),
     benchmark:
-        bench_file("train_r{n}.tsv")
+        bench_file("train", "{n}")
     wildcard_constraints:
         n=r"[1-9]\d*",
     threads: resource("train", "threads")

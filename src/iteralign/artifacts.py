@@ -94,18 +94,18 @@ def artifact_sha256(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------- provenance
-def _git_commit() -> str | None:
-    env = os.environ.get("ITERALIGN_GIT_COMMIT")
-    if env:
-        return env
+def git_commit(folder: str | Path) -> str | None:
+    """The commit checked out in the git work tree that holds ``folder``; None outside one."""
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_commit() -> str | None:
+    """The workflow's commit (ITERALIGN_GIT_COMMIT, set by the Snakefile), else this package's."""
+    return os.environ.get("ITERALIGN_GIT_COMMIT") or git_commit(Path(__file__).resolve().parent)
 
 
 def _now() -> str:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import NamedTuple
+
+from iteralign import layout
 
 AUDIT_COLUMNS = [
     "round", "prompts", "samples", "failed_scores", "sample_reward", "pairs", "prompts_dropped",
@@ -16,19 +17,12 @@ AUDIT_COLUMNS = [
     "win_rate_vs_r0", "win_rate_vs_previous", "lc_reward", "eval_scorer_reward", "kl_to_reference",
     "eval_tokens", "max_length_fraction", "seconds",
 ]
-_ROUND_FILE = re.compile(r"^(?P<kind>[a-z]+)_r(?P<n>\d+)\.(?P<ext>parquet|json|jsonl|tsv)$")
 
 
 def _rounds(results: Path) -> list[int]:
-    found = set()
-    for file in results.iterdir():
-        match = _ROUND_FILE.match(file.name)
-        if match:
-            found.add(int(match["n"]))
-    for folder in results.glob("ckpt_r*"):
-        if folder.name[6:].isdigit():
-            found.add(int(folder.name[6:]))
-    return sorted(found)
+    """Every round that has a file (samples_r1.parquet) or checkpoint folder (ckpt_r1) in ``results``."""
+    parsed = (layout.parse_round_file(entry.name) for entry in results.iterdir())
+    return sorted({found[1] for found in parsed if found})
 
 
 def _seconds(benchmarks: Path | None, n: int) -> dict[str, float]:
@@ -36,22 +30,23 @@ def _seconds(benchmarks: Path | None, n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     if benchmarks is None or not benchmarks.is_dir():
         return out
-    for file in benchmarks.glob(f"*_r{n}.tsv"):
+    for file in benchmarks.iterdir():
+        parsed = layout.parse_round_file(file.name)
+        if parsed is None or parsed[1:] != (n, "tsv"):
+            continue
         lines = file.read_text().splitlines()
         if len(lines) >= 2:
             header, values = lines[0].split("\t"), lines[1].split("\t")
             try:
-                out[file.name[: -len(f"_r{n}.tsv")]] = float(values[header.index("s")])
+                out[parsed[0]] = float(values[header.index("s")])
             except (ValueError, IndexError):
                 continue
     return out
 
 
 def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> list[dict]:
-    import numpy as np
+    """One row per round of ``results`` (AUDIT_COLUMNS that its artefacts have), read from them alone."""
     import pandas as pd
-
-    from iteralign.artifacts import read_sidecar
 
     results = Path(results)
     if not results.is_dir():
@@ -60,45 +55,16 @@ def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> lis
     if bench is None:  # the layout's <workdir>/benchmarks/<exp>, beside <workdir>/results/<exp>
         guess = results.resolve().parent.parent / "benchmarks" / results.name
         bench = guess if guess.is_dir() else None
-    plan = results / "prompts.parquet"
+    plan = results / layout.PROMPTS
     prompts = pd.read_parquet(plan, columns=["split", "round"]) if plan.exists() else None
     rows = []
     for n in _rounds(results):
         row: dict = {"round": n}
         if prompts is not None and n > 0:
             row["prompts"] = int((prompts["round"] == n).sum())
-        samples, rewards = results / f"samples_r{n}.parquet", results / f"rewards_r{n}.parquet"
-        if samples.exists():
-            row["samples"] = len(pd.read_parquet(samples, columns=["sample_id"]))
-        if rewards.exists():
-            reward = pd.read_parquet(rewards, columns=["reward"])["reward"]
-            row["failed_scores"] = int(reward.isna().sum())
-            row["sample_reward"] = float(reward.mean())
-        feedback_meta = read_sidecar(results / f"feedback_r{n}.json")
-        if feedback_meta:
-            stats = feedback_meta.get("stats", {})
-            row["pairs"] = stats.get("pairs", stats.get("items"))
-            row["prompts_dropped"] = stats.get("prompts", 0) - stats.get("prompts_kept", 0)
-        metrics = results / f"train_r{n}.jsonl"
-        if metrics.exists():
-            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            row["train_steps"] = len(steps)
-            if steps:
-                row["train_loss"] = float(np.mean([s["loss"] for s in steps]))
-                if "accuracy" in steps[0]:
-                    row["train_accuracy"] = float(np.mean([s["accuracy"] for s in steps]))
-        summary = results / f"eval_r{n}.json"
-        if summary.exists():
-            ev = json.loads(summary.read_text())
-            row.update(eval_reward=ev["mean_reward"], eval_ci_lo=ev["reward_ci95"][0], eval_ci_hi=ev["reward_ci95"][1],
-                       win_rate_vs_r0=ev["win_rate_vs_r0"], kl_to_reference=ev["kl_to_reference"],
-                       eval_tokens=ev["mean_output_tokens"])
-            # Fields added after the spine: evaluations written before them leave the cells out.
-            later = {"win_rate_vs_previous": ev.get("win_rate_vs_previous"),
-                     "lc_reward": ev.get("length_controlled_reward"),
-                     "max_length_fraction": ev.get("max_length_fraction"),
-                     "eval_scorer_reward": (ev.get("eval_scorer") or {}).get("mean_reward")}
-            row.update({k: v for k, v in later.items() if v is not None})
+        row.update(_sampling_cells(results, n))
+        row.update(_training_cells(results, n))
+        row.update(_evaluation_cells(results / layout.eval_summary(n)))
         seconds = _seconds(bench, n)
         if seconds:
             row["seconds"] = round(sum(seconds.values()), 1)
@@ -107,17 +73,74 @@ def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> lis
     return rows
 
 
-def _fmt(value) -> str:
+def _sampling_cells(results: Path, n: int) -> dict:
+    """samples, failed_scores, sample_reward, pairs and prompts_dropped of round n."""
+    import pandas as pd
+
+    from iteralign.artifacts import read_sidecar
+
+    row: dict = {}
+    samples, rewards = results / layout.samples(n), results / layout.rewards(n)
+    if samples.exists():
+        row["samples"] = len(pd.read_parquet(samples, columns=["sample_id"]))
+    if rewards.exists():
+        reward = pd.read_parquet(rewards, columns=["reward"])["reward"]
+        row["failed_scores"] = int(reward.isna().sum())
+        row["sample_reward"] = float(reward.mean())
+    feedback_meta = read_sidecar(results / layout.feedback(n))
+    if feedback_meta:
+        stats = feedback_meta.get("stats", {})
+        row["pairs"] = stats.get("pairs", stats.get("items"))
+        row["prompts_dropped"] = stats.get("prompts", 0) - stats.get("prompts_kept", 0)
+    return row
+
+
+def _training_cells(results: Path, n: int) -> dict:
+    """train_steps, train_loss and train_accuracy of round n, from train_r{n}.jsonl."""
+    import numpy as np
+
+    from iteralign.artifacts import read_jsonl
+
+    metrics = results / layout.training_metrics(n)
+    if not metrics.exists():
+        return {}
+    steps = read_jsonl(metrics)
+    row: dict = {"train_steps": len(steps)}
+    if steps:
+        row["train_loss"] = float(np.mean([s["loss"] for s in steps]))
+        if "accuracy" in steps[0]:
+            row["train_accuracy"] = float(np.mean([s["accuracy"] for s in steps]))
+    return row
+
+
+def _evaluation_cells(summary: Path) -> dict:
+    """The eval_* columns from eval_r{n}.json; optional fields it lacks leave their cells out."""
+    if not summary.exists():
+        return {}
+    ev = json.loads(summary.read_text())
+    row = dict(eval_reward=ev["mean_reward"], eval_ci_lo=ev["reward_ci95"][0], eval_ci_hi=ev["reward_ci95"][1],
+               win_rate_vs_r0=ev["win_rate_vs_r0"], kl_to_reference=ev["kl_to_reference"],
+               eval_tokens=ev["mean_output_tokens"])
+    optional = {"win_rate_vs_previous": ev.get("win_rate_vs_previous"),
+                "lc_reward": ev.get("length_controlled_reward"),
+                "max_length_fraction": ev.get("max_length_fraction"),
+                "eval_scorer_reward": (ev.get("eval_scorer") or {}).get("mean_reward")}
+    row.update({k: v for k, v in optional.items() if v is not None})
+    return row
+
+
+def format_cell(value, missing: str = "-", whole_from: float = 1e4) -> str:
+    """A table cell: ``missing`` for None or NaN, a float to 4 significant digits (whole from ``whole_from``)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
+        return missing
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < whole_from else f"{value:.0f}"
     return str(value)
 
 
 def format_table(rows: list[dict], columns: list[str] = AUDIT_COLUMNS) -> str:
     columns = [c for c in columns if any(c in r for r in rows)]
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    cells = [[format_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
@@ -147,7 +170,7 @@ def provenance_artefacts(results: Path) -> list[Path]:
     """Every artefact of an experiment that can carry provenance: its files and checkpoint folders."""
     files = [p for p in sorted(results.iterdir()) if p.is_file() and not p.name.endswith(".meta.json")
              and p.suffix in (".parquet", ".json", ".jsonl")]
-    folders = sorted(p for p in results.glob("ckpt_r*/FINAL") if p.is_dir())
+    folders = sorted(p for p in results.glob(layout.checkpoint("*")) if p.is_dir())
     return files + folders
 
 
@@ -170,8 +193,8 @@ def experiment_workdir(results: Path, recorded_paths: list[str]) -> Path:
 
 def _pruned_sha256(checkpoint: Path) -> str | None:
     """The sha256 a checkpoint had when retention deleted it (ckpt_r{n}/pruned.json), else None."""
-    record = checkpoint.parent / "pruned.json"
-    if checkpoint.name != "FINAL" or not record.is_file():
+    record = checkpoint.parent / layout.PRUNED_RECORD
+    if checkpoint.name != layout.CHECKPOINT_FOLDER or not record.is_file():
         return None
     pruned = json.loads(record.read_text())
     return pruned.get("sha256") if pruned.get("deleted") else None

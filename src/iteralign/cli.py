@@ -3,6 +3,15 @@
 Each step reads the experiment config (``--config``, validated and completed
 against the schema), its inputs by path, and writes its outputs atomically with
 provenance. Errors that a user can fix print one clear line and exit with 2.
+
+Who writes what: the CLI makes every step's Provenance (config hash, seed, inputs by
+name). A step whose artefact is a table or a JSON document (plan, sample, score,
+feedback, reference, evaluate, prune) returns it, and the CLI writes it with
+``prov.record(...)``. A step whose artefact is a checkpoint folder (sft, link-sft,
+train) is handed the Provenance and writes the folder and its metrics itself, while it
+runs and checkpoint first, so that metrics on disk mean a complete checkpoint. Pages
+for a person (audit.tsv, report.html, round_r{n}.txt) carry no provenance; the CLI
+writes them (:func:`_write_text`).
 """
 
 from __future__ import annotations
@@ -66,6 +75,14 @@ def _provenance(step: str, config: dict, inputs: dict):
     from iteralign.config import config_hash
 
     return Provenance(step, config_hash(config), config["seed"], {k: v for k, v in inputs.items() if v})
+
+
+def _write_text(path: str, text: str) -> None:
+    """A page for a person (no provenance), written atomically."""
+    from iteralign.artifacts import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
 
 
 def _threads(args) -> None:
@@ -279,10 +296,7 @@ def cmd_audit(args) -> int:
     rows = audit_rows(args.results, args.benchmarks)
     checked, problems = verify_provenance(args.results, deep=args.deep)
     if args.output:
-        from iteralign.artifacts import atomic_path
-
-        with atomic_path(Path(args.output)) as tmp:
-            tmp.write_text(to_tsv(rows))
+        _write_text(args.output, to_tsv(rows))
     if args.json:
         provenance = {"checked": checked, "problems": [p._asdict() for p in problems]}
         print(json.dumps({"rounds": rows, "provenance": provenance}, indent=2, default=str))
@@ -306,9 +320,9 @@ def cmd_restore(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from iteralign.report import write_report
+    from iteralign.report import build_report
 
-    write_report(args.results, args.output, _config(args), args.benchmarks)
+    _write_text(args.output, build_report(args.results, _config(args), args.benchmarks))
     log.info("report: %s", args.output)
 
 
@@ -326,109 +340,92 @@ def cmd_show(args) -> None:
 
 
 def cmd_round_summary(args) -> None:
-    from iteralign.artifacts import atomic_path
     from iteralign.console import round_summary
 
     line = round_summary(args.evaluation, args.feedback)
     print(line, flush=True)
-    with atomic_path(Path(args.output)) as tmp:
-        tmp.write_text(line + "\n")
+    _write_text(args.output, line + "\n")
 
 
 # ---------------------------------------------------------------- parser
+def _required(*flags: str) -> list[tuple[str, dict]]:
+    return [(flag, {"required": True}) for flag in flags]
+
+
+_RESULTS = ("results", {"help": "results/<experiment>"})
+_BENCHMARKS = ("--benchmarks", {"default": None, "help": "Snakemake benchmark folder (default: benchmarks/<exp> "
+                                "in the folder that holds results/)"})
+_ROUND = ("--round", {"type": int, "required": True})
+_THREADS = ("--threads", {"type": int, "default": None, "help": "torch CPU threads"})
+
+# (name, function, help, takes --config, its arguments): one subcommand per rule, then the tools.
+_COMMANDS = [
+    ("plan", cmd_plan, "shuffle prompts once, hold out eval, deal the rest into rounds", True, _required("--output")),
+    ("sft", cmd_sft, "build/fine-tune the SFT policy (ckpt_r0/FINAL)", True,
+     [_THREADS, *_required("--output", "--metrics")]),
+    ("link-sft", cmd_link_sft, "point ckpt_r0/FINAL at an existing SFT checkpoint", True,
+     [*_required("--output"), ("--stamp", {"default": None, "help": "its content stamp "
+                                           "(results/<exp>/inputs/policy.sft_checkpoint.json)"})]),
+    ("sample", cmd_sample, "sample k completions per prompt of a round", True,
+     [_ROUND, _THREADS, *_required("--prompts", "--checkpoint", "--output")]),
+    ("score", cmd_score, "score a round's samples", True, [_ROUND, _THREADS, *_required("--samples", "--output")]),
+    ("feedback", cmd_feedback, "turn rewards into feedback items", True,
+     [_ROUND, *_required("--samples", "--rewards", "--output")]),
+    ("reference", cmd_reference, "reference log-probs of a round's feedback", True,
+     [_ROUND, _THREADS, *_required("--feedback"),
+      ("--checkpoint", {"required": True, "help": "the SFT checkpoint (ckpt_r0/FINAL)"}), *_required("--output")]),
+    ("train", cmd_train, "train the policy one round", True,
+     [_ROUND, _THREADS,
+      ("--feedback", {"required": True, "nargs": "+", "help": "feedback files (several with training.history)"}),
+      ("--reference", {"default": [], "nargs": "*",
+                       "help": "their reference tables, in any order (none for reference-free losses)"}),
+      ("--checkpoint", {"required": True, "help": "policy of the previous round"}),
+      *_required("--output", "--metrics")]),
+    ("evaluate", cmd_evaluate, "held-out evaluation of a round's policy", True,
+     [_ROUND, _THREADS, *_required("--prompts", "--checkpoint", "--reference-checkpoint"),
+      ("--baseline", {"default": None, "help": "eval_r0.parquet (rounds > 0)"}),
+      ("--previous", {"default": None, "help": "eval_r{n-1}.parquet (rounds > 0)"}),
+      ("--table", {"required": True, "help": "eval_r{n}.parquet"}),
+      ("--summary", {"required": True, "help": "eval_r{n}.json"})]),
+    ("prune", cmd_prune, "delete a policy checkpoint no job reads any more (checkpoints.keep_last)", True,
+     [_ROUND, ("--checkpoint", {"required": True, "help": "results/<exp>/ckpt_r{n}/FINAL"}),
+      ("--output", {"required": True, "help": "ckpt_r{n}/pruned.json: what was deleted"})]),
+    ("audit", cmd_audit, "per-round table of an experiment's artefacts; verifies provenance", False,
+     [_RESULTS, ("--json", {"action": "store_true", "help": "print {rounds, provenance} as JSON"}),
+      ("--output", {"default": None, "help": "also write the table as TSV"}), _BENCHMARKS,
+      ("--strict", {"action": "store_true", "help": "exit with 1 when provenance does not verify"}),
+      ("--deep", {"action": "store_true", "help": "also re-hash checkpoint folders against their sidecars"})]),
+    ("restore", cmd_restore, "put back the last good version of every artefact missing from an experiment "
+     "(what a failed or killed run removed)", False, [_RESULTS]),
+    ("report", cmd_report, "one self-contained HTML report of an experiment", True,
+     [_RESULTS, ("--output", {"required": True, "help": "report.html"}), _BENCHMARKS]),
+    ("round-summary", cmd_round_summary, "print one line per evaluated round: reward, win rates, KL, feedback", False,
+     [("--evaluation", {"required": True, "help": "eval_r{n}.json"}),
+      ("--feedback", {"default": None, "help": "feedback_r{n}.json (its sidecar's kept/dropped counts)"}),
+      ("--output", {"required": True, "help": "where the line is kept too"})]),
+    ("export", cmd_export, "the rounds' feedback as TRL datasets (parquet, one file per round)", False,
+     [_RESULTS, ("--format", {"required": True, "choices": ["trl"], "help": "trl: preference (prompt/chosen/"
+                              "rejected) or unpaired preference (prompt/completion/label)"}),
+      ("--output", {"default": None, "help": "folder for the parquet files (default: results/<exp>/export/trl)"})]),
+    ("show", cmd_show, "pretty-print a few items of a feedback, samples, rewards or eval file", False,
+     [("path", {"help": "feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ..."}),
+      ("--n", {"type": int, "default": 5, "help": "how many items (prompts for per-sample files)"}),
+      ("--start", {"type": int, "default": 0, "help": "index of the first item"}),
+      ("--prompt-id", {"default": None, "help": "only this prompt"})]),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iteralign", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("ITERALIGN_LOG_LEVEL", "info"))
     sub = parser.add_subparsers(dest="step", required=True, metavar="<step>")
-
-    def step(name, func, help_text, rounds=False, threads=False):
-        p = sub.add_parser(name, help=help_text)
-        p.set_defaults(func=func)
-        p.add_argument("--config", required=True, help="experiment config (YAML)")
-        if rounds:
-            p.add_argument("--round", type=int, required=True)
-        if threads:
-            p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        return p
-
-    p = step("plan", cmd_plan, "shuffle prompts once, hold out eval, deal the rest into rounds")
-    p.add_argument("--output", required=True)
-    p = step("sft", cmd_sft, "build/fine-tune the SFT policy (ckpt_r0/FINAL)", threads=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--metrics", required=True)
-    p = step("link-sft", cmd_link_sft, "point ckpt_r0/FINAL at an existing SFT checkpoint")
-    p.add_argument("--output", required=True)
-    p.add_argument("--stamp", default=None, help="its content stamp (results/<exp>/inputs/policy.sft_checkpoint.json)")
-    p = step("sample", cmd_sample, "sample k completions per prompt of a round", rounds=True, threads=True)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True)
-    p = step("score", cmd_score, "score a round's samples", rounds=True, threads=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--output", required=True)
-    p = step("feedback", cmd_feedback, "turn rewards into feedback items", rounds=True)
-    p.add_argument("--samples", required=True)
-    p.add_argument("--rewards", required=True)
-    p.add_argument("--output", required=True)
-    p = step("reference", cmd_reference, "reference log-probs of a round's feedback", rounds=True, threads=True)
-    p.add_argument("--feedback", required=True)
-    p.add_argument("--checkpoint", required=True, help="the SFT checkpoint (ckpt_r0/FINAL)")
-    p.add_argument("--output", required=True)
-    p = step("train", cmd_train, "train the policy one round", rounds=True, threads=True)
-    p.add_argument("--feedback", required=True, nargs="+", help="feedback files (several with training.history)")
-    p.add_argument("--reference", default=[], nargs="*",
-                   help="their reference tables, in any order (none for reference-free losses)")
-    p.add_argument("--checkpoint", required=True, help="policy of the previous round")
-    p.add_argument("--output", required=True)
-    p.add_argument("--metrics", required=True)
-    p = step("evaluate", cmd_evaluate, "held-out evaluation of a round's policy", rounds=True, threads=True)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--reference-checkpoint", required=True)
-    p.add_argument("--baseline", default=None, help="eval_r0.parquet (rounds > 0)")
-    p.add_argument("--previous", default=None, help="eval_r{n-1}.parquet (rounds > 0)")
-    p.add_argument("--table", required=True, help="eval_r{n}.parquet")
-    p.add_argument("--summary", required=True, help="eval_r{n}.json")
-
-    p = step("prune", cmd_prune, "delete a policy checkpoint no job reads any more (checkpoints.keep_last)",
-             rounds=True)
-    p.add_argument("--checkpoint", required=True, help="results/<exp>/ckpt_r{n}/FINAL")
-    p.add_argument("--output", required=True, help="ckpt_r{n}/pruned.json: what was deleted")
-
-    p = sub.add_parser("audit", help="per-round table of an experiment's artefacts; verifies provenance")
-    p.set_defaults(func=cmd_audit)
-    p.add_argument("results", help="results/<experiment>")
-    p.add_argument("--json", action="store_true", help="print {rounds, provenance} as JSON")
-    p.add_argument("--output", default=None, help="also write the table as TSV")
-    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
-    p.add_argument("--strict", action="store_true", help="exit with 1 when provenance does not verify")
-    p.add_argument("--deep", action="store_true", help="also re-hash checkpoint folders against their sidecars")
-    p = sub.add_parser("restore", help="put back the last good version of every artefact missing from an "
-                       "experiment (what a failed or killed run removed)")
-    p.set_defaults(func=cmd_restore)
-    p.add_argument("results", help="results/<experiment>")
-    p = step("report", cmd_report, "one self-contained HTML report of an experiment")
-    p.add_argument("results", help="results/<experiment>")
-    p.add_argument("--output", required=True, help="report.html")
-    p.add_argument("--benchmarks", default=None, help="Snakemake benchmark folder (default: benchmarks/<exp> in the folder that holds results/)")
-    p = sub.add_parser("round-summary", help="print one line per evaluated round: reward, win rates, KL, feedback")
-    p.set_defaults(func=cmd_round_summary)
-    p.add_argument("--evaluation", required=True, help="eval_r{n}.json")
-    p.add_argument("--feedback", default=None, help="feedback_r{n}.json (its sidecar's kept/dropped counts)")
-    p.add_argument("--output", required=True, help="where the line is kept too")
-
-    p = sub.add_parser("export", help="the rounds' feedback as TRL datasets (parquet, one file per round)")
-    p.set_defaults(func=cmd_export)
-    p.add_argument("results", help="results/<experiment>")
-    p.add_argument("--format", required=True, choices=["trl"],
-                   help="trl: preference (prompt/chosen/rejected) or unpaired preference (prompt/completion/label)")
-    p.add_argument("--output", default=None, help="folder for the parquet files (default: results/<exp>/export/trl)")
-    p = sub.add_parser("show", help="pretty-print a few items of a feedback, samples, rewards or eval file")
-    p.set_defaults(func=cmd_show)
-    p.add_argument("path", help="feedback_r{n}.json, samples_r{n}.parquet, rewards_r{n}.parquet, eval_r{n}.parquet ...")
-    p.add_argument("--n", type=int, default=5, help="how many items (prompts for per-sample files)")
-    p.add_argument("--start", type=int, default=0, help="index of the first item")
-    p.add_argument("--prompt-id", default=None, help="only this prompt")
+    for name, func, help_text, takes_config, arguments in _COMMANDS:
+        command = sub.add_parser(name, help=help_text)
+        command.set_defaults(func=func)
+        if takes_config:
+            command.add_argument("--config", required=True, help="experiment config (YAML)")
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
     return parser
 
 

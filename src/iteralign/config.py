@@ -352,6 +352,20 @@ def dump(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 
+def write_resolved(config: dict) -> Path:
+    """The validated config with defaults as every step reads it (layout.resolved_config), written
+    atomically and only when its content is new; returns its path."""
+    from iteralign import layout
+    from iteralign.artifacts import atomic_path
+
+    path = experiment_dir(config) / layout.resolved_config(config_hash(config))
+    text = dump(config)
+    if not path.exists() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
 def experiment_dir(config: dict) -> Path:
     return Path(config["results_dir"]) / config["experiment"]
 

@@ -95,12 +95,12 @@ def export_trl(results: str | Path, output: str | Path | None = None) -> list[Pa
     """Write every round's feedback of ``results`` as TRL parquet; returns the files written."""
     from iteralign.artifacts import Provenance, read_provenance
     from iteralign.feedback import load_feedback
-    from iteralign.report import _round_files
+    from iteralign.layout import round_files
 
     results = Path(results)
     if not results.is_dir():
         raise FileNotFoundError(f"{results} is not a folder; expected results/<experiment>")
-    files = _round_files(results, "feedback", "json")
+    files = round_files(results, "feedback", "json")
     if not files:
         raise ExportError(f"{results}: no feedback_r{{n}}.json to export")
     output = Path(output) if output else results / "export" / "trl"

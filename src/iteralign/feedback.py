@@ -48,19 +48,22 @@ def _group(samples: list[dict]) -> dict[str, list[dict]]:
 def _pair_item(a: dict, b: dict, rng: np.random.Generator, round_n: int | None) -> dict:
     if rng.random() < 0.5:  # seeded A/B order, so position carries no signal
         a, b = b, a
-    item = {
-        "type": "pairwise_feedback",
-        "prompt_id": a["prompt_id"],
-        "prompt": a["prompt"],
-        "output_A": _assistant(a["output"]),
-        "output_B": _assistant(b["output"]),
-        "label": int(a["reward"] > b["reward"]),
-        "reward_A": float(a["reward"]),
-        "reward_B": float(b["reward"]),
-        "reward_difference": abs(float(a["reward"]) - float(b["reward"])),
-        "sample_id_A": int(a["sample_id"]),
-        "sample_id_B": int(b["sample_id"]),
-    }
+    return _item(
+        "pairwise_feedback", a, round_n,
+        output_A=_assistant(a["output"]),
+        output_B=_assistant(b["output"]),
+        label=int(a["reward"] > b["reward"]),
+        reward_A=float(a["reward"]),
+        reward_B=float(b["reward"]),
+        reward_difference=abs(float(a["reward"]) - float(b["reward"])),
+        sample_id_A=int(a["sample_id"]),
+        sample_id_B=int(b["sample_id"]),
+    )
+
+
+def _item(kind: str, sample: dict, round_n: int | None, **fields) -> dict:
+    """A feedback item of ``kind`` on ``sample``'s prompt: type, prompt_id, prompt, ``fields``, then round (when known)."""
+    item = {"type": kind, "prompt_id": sample["prompt_id"], "prompt": sample["prompt"], **fields}
     if round_n is not None:
         item["round"] = round_n
     return item
@@ -202,18 +205,8 @@ def binary_threshold(rewards: list[float], threshold) -> float:
 
 
 def _binary_item(s: dict, cut: float, round_n: int | None) -> dict:
-    item = {
-        "type": "binary_feedback",
-        "prompt_id": s["prompt_id"],
-        "prompt": s["prompt"],
-        "output": _assistant(s["output"]),
-        "label": int(s["reward"] >= cut),
-        "reward": float(s["reward"]),
-        "sample_id": int(s["sample_id"]),
-    }
-    if round_n is not None:
-        item["round"] = round_n
-    return item
+    return _item("binary_feedback", s, round_n, output=_assistant(s["output"]), label=int(s["reward"] >= cut),
+                 reward=float(s["reward"]), sample_id=int(s["sample_id"]))
 
 
 def build_binary(samples: list[dict], threshold, round_n: int | None = None,
@@ -259,12 +252,8 @@ def build_scalar(samples: list[dict], round_n: int | None = None) -> tuple[list[
     items = []
     for prompt_id in groups:
         for s in valid_groups.get(prompt_id, []):
-            item = {"type": "scalar_feedback", "prompt_id": s["prompt_id"], "prompt": s["prompt"],
-                    "output": _assistant(s["output"]), "reward": float(s["reward"]),
-                    "sample_id": int(s["sample_id"])}
-            if round_n is not None:
-                item["round"] = round_n
-            items.append(item)
+            items.append(_item("scalar_feedback", s, round_n, output=_assistant(s["output"]),
+                               reward=float(s["reward"]), sample_id=int(s["sample_id"])))
     return items, {"samples": len(samples), "samples_nan_reward": len(samples) - len(valid),
                    "prompts": len(groups), "items": len(items), "prompts_kept": len(valid_groups),
                    "prompts_dropped_no_valid_reward": len(groups) - len(valid_groups)}

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from iteralign.artifacts import NOT_CONTENT, atomic_path, remove_stale_tmp
+from iteralign.artifacts import NOT_CONTENT, atomic_path, lock_experiment, remove_stale_tmp
 from iteralign.retention import was_pruned
 
 STORE = ".last-good"
@@ -157,6 +157,17 @@ def restored_message(results: str | Path, restored: list[str]) -> str:
     return (f"iteralign: the failed run had removed {len(restored)} artefact(s) without rebuilding them; their last "
             f"good version is back in place, with its old modification time: {names}. "
             f"Put back the last good version of anything missing at any time: iteralign restore {results}")
+
+
+def start_run(results: str | Path) -> None:
+    """The ``onstart`` handler: take the experiment's lock (ExperimentInUse when another run holds
+    it), then keep the last good version of its artefacts; a file system without hard links
+    only costs this run its protection, said on stderr."""
+    lock_experiment(results)
+    try:
+        keep_last_good(results)
+    except OSError as exc:
+        print(f"iteralign: no last-good store for this run: {exc}", file=sys.stderr)
 
 
 def report_failed_run(results: str | Path) -> list[str]:

@@ -17,13 +17,14 @@ import html
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-_ROUND_FILE = re.compile(r"^(?P<kind>eval|train|feedback)_r(?P<n>\d+)\.(?P<ext>json|jsonl|parquet)$")
+from iteralign import layout
+from iteralign.audit import format_cell
+
 # Bookkeeping fields of train_r{n}.jsonl; every other numeric field is a curve.
 _STEP_BOOKKEEPING = {"round", "step", "round_step", "epoch", "examples", "examples_seen"}
 _CURVE_ORDER = ["loss", "margin", "accuracy", "reward_chosen", "reward_rejected", "kl", "reward_desirable",
@@ -44,15 +45,6 @@ class ExperimentData:
     feedback: dict = field(default_factory=dict)  # round -> feedback sidecar stats
 
 
-def _round_files(results: Path, kind: str, ext: str) -> list[tuple[int, Path]]:
-    found = []
-    for path in results.iterdir():
-        match = _ROUND_FILE.match(path.name)
-        if match and match["kind"] == kind and match["ext"] == ext:
-            found.append((int(match["n"]), path))
-    return sorted(found)
-
-
 def load_experiment(results: str | Path) -> ExperimentData:
     """Read the evaluation, training and feedback artefacts that exist (a run may be partial)."""
     import pandas as pd
@@ -63,15 +55,15 @@ def load_experiment(results: str | Path) -> ExperimentData:
     if not results.is_dir():
         raise FileNotFoundError(f"{results} is not a results folder")
     data = ExperimentData(results.name)
-    for _, path in _round_files(results, "eval", "json"):
+    for _, path in layout.round_files(results, "eval", "json"):
         data.evaluations.append(json.loads(path.read_text()))
-    for n, path in _round_files(results, "eval", "parquet"):
+    for n, path in layout.round_files(results, "eval", "parquet"):
         present = _parquet_columns(path)
         columns = [c for c in _EVAL_COLUMNS if c in present]
         data.eval_tables[n] = pd.read_parquet(path, columns=columns)
-    for _, path in _round_files(results, "train", "jsonl"):
+    for _, path in layout.round_files(results, "train", "jsonl"):
         data.steps.extend(read_jsonl(path))
-    for n, path in _round_files(results, "feedback", "json"):
+    for n, path in layout.round_files(results, "feedback", "json"):
         meta = read_sidecar(path)
         if meta and "stats" in meta:
             data.feedback[n] = meta["stats"]
@@ -108,7 +100,7 @@ def _interval_errors(values: list[float], intervals: list[list[float]]) -> np.nd
     return np.nan_to_num(np.vstack([values - lo, hi - values]), nan=0.0).clip(min=0.0)
 
 
-# The interval of a metric is `<metric>_ci95`, except for two names the spine gave eval_r{n}.json.
+# The interval of a metric in eval_r{n}.json is `<metric>_ci95`, except for these two.
 _CI_KEYS = {"mean_reward": "reward_ci95", "win_rate_vs_r0": "win_rate_ci95"}
 
 
@@ -283,11 +275,7 @@ def figure_png(fig) -> bytes:
 
 # ---------------------------------------------------------------- HTML
 def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_cell(value, missing="–", whole_from=math.inf)
 
 
 def _with_interval(value, ci) -> str:
@@ -373,13 +361,12 @@ def examples_html(eval_tables: dict) -> str:
 
 
 _STEP_ORDER = ["plan", "sft", "link_sft", "sample", "score", "feedback", "reference", "train", "evaluate"]
-_ROUND_IN_NAME = re.compile(r"_r(\d+)")
 
 
 def _pipeline_order(path: Path, meta: dict) -> tuple:
     """Sort key: by round (the plan and SFT first), then by the step's place in a round."""
-    match = _ROUND_IN_NAME.search(str(path))
-    round_n = meta.get("round", int(match[1]) if match else -1)
+    from_name = layout.round_of(path)
+    round_n = meta.get("round", -1 if from_name is None else from_name)
     step = meta.get("step")
     return (round_n, _STEP_ORDER.index(step) if step in _STEP_ORDER else len(_STEP_ORDER), str(path))
 
@@ -564,11 +551,3 @@ round whose outputs all have one length, other than round 0's mean). Definitions
 </body></html>
 """
 
-
-def write_report(results: str | Path, output: str | Path, config: dict, benchmarks: str | Path | None = None) -> None:
-    """Build the report and write it atomically to ``output``."""
-    from iteralign.artifacts import atomic_path
-
-    text = build_report(results, config, benchmarks)
-    with atomic_path(Path(output)) as tmp:
-        tmp.write_text(text)

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from iteralign import layout
 from iteralign.artifacts import read_sidecar, sidecar_path
 from iteralign.config import experiment_dir
 from iteralign.errors import UserError
@@ -27,7 +28,6 @@ from iteralign.errors import UserError
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # written by iteralign train into every policy checkpoint
-PRUNED_RECORD = "pruned.json"  # ckpt_r{n}/pruned.json: what retention deleted
 
 
 class RetentionError(UserError):
@@ -36,7 +36,7 @@ class RetentionError(UserError):
 
 def expected_checkpoint(config: dict, round_n: int) -> Path:
     """``results/<exp>/ckpt_r{n}/FINAL`` as an absolute path (its parent resolved, not the folder)."""
-    return experiment_dir(config).resolve() / f"ckpt_r{round_n}" / "FINAL"
+    return experiment_dir(config).resolve() / layout.checkpoint(round_n)
 
 
 def _lexical(path: Path) -> Path:
@@ -55,7 +55,7 @@ def _check_request(config: dict, round_n: int, checkpoint: Path) -> Path:
     if _lexical(checkpoint) != expected:
         raise RetentionError(f"{checkpoint} is not round {round_n}'s policy checkpoint of this experiment; "
                              f"only {expected} may be deleted")
-    trained = experiment_dir(config).resolve() / f"train_r{round_n + keep}.jsonl"
+    trained = experiment_dir(config).resolve() / layout.training_metrics(round_n + keep)
     if not trained.exists():
         raise RetentionError(f"{checkpoint}: round {round_n + keep} has not finished training ({trained} is "
                              f"missing); with keep_last {keep} the checkpoint is still needed")
@@ -85,13 +85,25 @@ def checkpoint_is_complete(folder: Path, round_n: int) -> bool:
 
 def was_pruned(folder: Path) -> bool:
     """Whether retention deleted ``folder`` (ckpt_r{n}/FINAL): its pruned.json says so and it is gone."""
-    record = Path(folder).parent / PRUNED_RECORD
+    record = Path(folder).parent / layout.PRUNED_RECORD
     if Path(folder).exists() or not record.is_file():
         return False
     try:
         return json.loads(record.read_text()).get("deleted") is True
     except json.JSONDecodeError:
         return False
+
+
+def retrain_note(config: dict, round_n: int) -> str:
+    """The train job's message when the checkpoint it writes was deleted by retention (else empty):
+    a dry run then says plainly that an earlier round is re-trained."""
+    if not was_pruned(experiment_dir(config) / layout.checkpoint(round_n)):
+        return ""
+    keep, record = config["checkpoints"]["keep_last"], experiment_dir(config) / layout.pruned_record(round_n)
+    return (f"train round {round_n} AGAIN: {layout.checkpoint(round_n)} was deleted by checkpoints.keep_last "
+            f"({keep}; see {record}) and a later round needs it, so round {round_n} is re-trained from "
+            f"{layout.checkpoint_round(round_n - 1)} and every job that reads its checkpoint runs again. "
+            "Keep it next time with a larger checkpoints.keep_last, or null.")
 
 
 def _check_folder(config: dict, round_n: int, folder: Path) -> None:
@@ -144,7 +156,7 @@ def prune_checkpoint(config: dict, round_n: int, checkpoint: str | Path) -> dict
     if not folder.exists() and not folder.is_symlink():
         if was_pruned(folder):  # deleted by an earlier prune: keep what that one recorded
             log.info("round %d: %s was deleted by an earlier prune", round_n, folder)
-            return json.loads((folder.parent / PRUNED_RECORD).read_text())
+            return json.loads((folder.parent / layout.PRUNED_RECORD).read_text())
         log.info("round %d: %s is already absent", round_n, folder)
         return {**record, "deleted": False, "bytes_freed": 0}
     _check_folder(config, round_n, folder)

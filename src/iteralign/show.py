@@ -8,13 +8,12 @@ texts of the samples file beside it, and a samples file with the rewards beside 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from iteralign import layout
 from iteralign.errors import UserError
 from iteralign.prompts import messages_from_cell
 
-_ROUND_FILE = re.compile(r"^(?P<kind>samples|rewards)_r(?P<n>\d+)\.parquet$")
 _INDENT = "    "
 
 
@@ -82,10 +81,10 @@ def show_feedback(path: Path, n: int, start: int, prompt_id: str | None) -> str:
 # ---------------------------------------------------------------- per-sample tables
 def _beside(path: Path, kind: str) -> Path | None:
     """samples_r{n}.parquet <-> rewards_r{n}.parquet in the same folder."""
-    match = _ROUND_FILE.match(path.name)
-    if match is None:
+    parsed = layout.parse_round_file(path.name)
+    if parsed is None or parsed[0] not in ("samples", "rewards") or parsed[2] != "parquet":
         return None
-    other = path.with_name(f"{kind}_r{match['n']}.parquet")
+    other = path.with_name(layout.round_name(kind, parsed[1], "parquet"))
     return other if other.exists() else None
 
 
