@@ -43,17 +43,9 @@ def generate(
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [tokenizer(text, add_special_tokens=False).input_ids for text in prompt_texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-    generation_config = GenerationConfig(
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None,
-        top_k=0 if temperature > 0 else None,  # no top-k cut, as vLLM's default
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_samples,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
+    generation_config = GenerationConfig(**_decoding_options(temperature, top_p), max_new_tokens=max_new_tokens,
+                                         num_return_sequences=num_samples, eos_token_id=eos_id, pad_token_id=pad_id,
+                                         use_cache=True)
     results: list[list[Completion]] = [[] for _ in prompt_texts]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_index, batch in enumerate(tqdm(batches, desc=progress, disable=progress is None, mininterval=5)):
@@ -69,6 +61,13 @@ def generate(
             prompt_index = batch[row // num_samples]
             results[prompt_index].append(_completion(tokens, tokenizer, eos_id, pad_id, stop))
     return results
+
+
+def _decoding_options(temperature: float, top_p: float) -> dict:
+    """Sampling with no top-k cut (vLLM's default), or greedy decoding at temperature 0."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 
 
 def _completion(tokens: list[int], tokenizer, eos_id: int, pad_id: int, stop) -> Completion:
