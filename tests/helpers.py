@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,13 @@ def new_workdir(root: Path, **sections) -> Path:
 def copy_run(run: Path, target: Path) -> Path:
     shutil.copytree(run, target, symlinks=True)
     return target
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:

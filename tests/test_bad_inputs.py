@@ -29,10 +29,9 @@ import pandas as pd
 import pytest
 import yaml
 from fake_openai import Action, FakeJudge, reply
-from helpers import micro_config, snakemake_command, venv_env, write_reward_module
+from helpers import EXP, micro_config, new_workdir, snakemake_command, venv_env
 
 pytestmark = pytest.mark.workflow
-EXP = "results/micro"
 KEY_ENV = "ITERALIGN_TEST_JUDGE_KEY"
 
 
@@ -46,10 +45,7 @@ def micro_run(tmp_path_factory) -> Path:
     """A 2-round micro run (Snakemake) up to round 2's reference log-probs, never changed: cases work on copies."""
     from reward_models import save_classifier
 
-    workdir = tmp_path_factory.mktemp("bad_inputs") / "run"
-    workdir.mkdir()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
-    write_reward_module(workdir)
+    workdir = new_workdir(tmp_path_factory.mktemp("bad_inputs") / "run", rounds=2)  # as _config() writes it
     result = subprocess.run(snakemake_command(workdir, workdir / "config.yaml", "--cores", "2",
                                               f"{EXP}/reflogps_r2.parquet"),  # every file a case reads; no evaluation
                             capture_output=True, text=True, env=venv_env())

@@ -8,7 +8,6 @@ mostly the start-up of two Python processes.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import BIN, REPO, micro_config
+from helpers import BIN, REPO, free_port, micro_config
 from safetensors.torch import load_file
 
 from iteralign import config as cfg
@@ -26,12 +25,6 @@ from iteralign.artifacts import write_json, write_parquet
 from iteralign.reference import reference_logps
 from iteralign.train.checkpoint import load_training_state
 from iteralign.train.trainer import train_round
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict:

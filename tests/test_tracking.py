@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BIN, REPO, micro_config, snakemake_command, venv_env, write_reward_module
+from helpers import BIN, EXP, REPO, micro_config, snakemake_command, venv_env, write_reward_module
 
 pytestmark = pytest.mark.workflow
-EXP = Path("results/micro")
 TRACKING = {"trackers": ["tensorboard", "mlflow", "wandb"]}
 # Secrets the run has in its environment or config; none may reach a file it writes.
 API_KEY = "wandb-key-that-must-not-leak-5f3a"
