@@ -7,15 +7,16 @@ from pathlib import Path
 from iteralign.artifacts import write_json
 from iteralign.feedback import build_binary, build_pairwise, build_scalar
 
-OUTPUTS = ["012", "1131", "10", "111", "0999", "1"]
+OUTPUTS = ["012", "1131", "10", "111", "0999", "1"]  # of different lengths
 
 
-def crafted_samples(n_prompts: int = 6, offset: int = 0) -> list[dict]:
-    """4 samples per prompt, of different lengths and rewards (a few ties)."""
+def crafted_samples(n_prompts: int = 6, offset: int = 0, outputs: list[str] = OUTPUTS) -> list[dict]:
+    """4 samples per prompt (the first 4 ``outputs``, the prompt's number appended, so unique per prompt),
+    of different rewards (a few ties)."""
     rows = []
     for p in range(offset, offset + n_prompts):
         prompt = [{"role": "user", "content": f"{10 + p}+{20 + p}"}]
-        for s, out in enumerate(OUTPUTS[:4]):
+        for s, out in enumerate(outputs[:4]):
             rows.append({"prompt_id": f"p{p}", "sample_id": s, "prompt": prompt, "output": f"{out}{p}",
                          "reward": float((s * 7 + p) % 5)})
     return rows

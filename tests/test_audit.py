@@ -4,17 +4,10 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
-from crafted import write_crafted_experiment
+from helpers import run_cli
 
 from iteralign.artifacts import write_json
 from iteralign.audit import audit_rows, experiment_workdir, verify_provenance
-
-
-@pytest.fixture
-def crafted(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return write_crafted_experiment(tmp_path)
 
 
 def test_a_consistent_experiment_verifies(crafted):

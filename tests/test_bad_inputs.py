@@ -28,13 +28,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, micro_config, write_reward_module
 from fake_openai import Action, FakeJudge, reply
+from helpers import EXP, micro_config, new_workdir, snakemake_command, venv_env
 
 pytestmark = pytest.mark.workflow
-EXP = "results/micro"
 KEY_ENV = "ITERALIGN_TEST_JUDGE_KEY"
-BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------- the shared run
@@ -47,23 +45,15 @@ def micro_run(tmp_path_factory) -> Path:
     """A 2-round micro run (Snakemake) up to round 2's reference log-probs, never changed: cases work on copies."""
     from reward_models import save_classifier
 
-    workdir = tmp_path_factory.mktemp("bad_inputs") / "run"
-    workdir.mkdir()
-    (workdir / "config.yaml").write_text(yaml.safe_dump(_config()))
-    write_reward_module(workdir)
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                             "--configfile", str(workdir / "config.yaml"), "--cores", "2",
-                             f"{EXP}/reflogps_r2.parquet"],  # every file a case reads; no evaluation
-                            capture_output=True, text=True, env=_env())
+    workdir = new_workdir(tmp_path_factory.mktemp("bad_inputs") / "run", rounds=2)  # as _config() writes it
+    result = subprocess.run(snakemake_command(workdir, workdir / "config.yaml", "--cores", "2",
+                                              f"{EXP}/reflogps_r2.parquet"),  # every file a case reads; no evaluation
+                            capture_output=True, text=True, env=venv_env())
     assert result.returncode == 0, result.stderr[-3000:]
     from iteralign.modeling import load_tokenizer
 
     save_classifier(workdir / "rm", load_tokenizer(workdir / EXP / "ckpt_r0" / "FINAL"), num_labels=1)
     return workdir
-
-
-def _env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
 
 
 # ---------------------------------------------------------------- cases
@@ -538,6 +528,7 @@ def test_bad_input_fails_with_one_line_naming_it_and_loses_nothing(case, micro_r
     assert outcome.lines[0].startswith(f"iteralign {case.argv[0]}: error: "), outcome.lines
     assert len(outcome.lines) == 1 or (len(outcome.lines) == 2 and outcome.lines[1].startswith("hint: ")), \
         outcome.lines
+    assert case.expect, case.id
     for expected in case.expect:
         assert expected.lower() in outcome.stderr.lower(), (expected, outcome.lines)
     assert outcome.lost == []
@@ -559,15 +550,15 @@ def test_snakemake_refuses_a_bad_config_at_parse_time_with_one_line(name, micro_
     shutil.copytree(micro_run, work, symlinks=True)
     (work / "bad.yaml").write_text(yaml.safe_dump(_config(**sections)))
     before, logs = snapshot(work), sorted((work / "logs").rglob("*"))
-    env = {k: v for k, v in _env().items() if k != KEY_ENV}
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(work),
-                             "--configfile", str(work / "bad.yaml"), "--cores", "1"],
-                            capture_output=True, text=True, env=env)
+    env = {k: v for k, v in venv_env().items() if k != KEY_ENV}
+    result = subprocess.run(snakemake_command(work, work / "bad.yaml", "--cores", "1"), capture_output=True, text=True,
+                            env=env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in lines if line.startswith("iteralign workflow: error: ")]
     assert len(errors) == 1, result.stderr
+    assert expect, name
     for expected in expect:
         assert expected in errors[0]
     assert sorted((work / "logs").rglob("*")) == logs  # no job ran

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import micro_config
 from feedback_data import write_feedback
+from helpers import micro_config
 
 from iteralign import config as cfg
 from iteralign.artifacts import write_parquet

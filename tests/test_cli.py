@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import yaml
-from conftest import micro_config, run_cli, write_reward_module
+from helpers import micro_config, run_cli, write_reward_module
 
 
 def write_config(tmp_path, config):

@@ -13,56 +13,24 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import pytest
 import yaml
-from conftest import REPO, micro_config, write_reward_module
-from test_workflow import BIN
+from helpers import (
+    BIN,
+    DPO,
+    KTO,
+    REPO,
+    dry_run,
+    dry_run_jobs,
+    new_workdir,
+    snakemake_command,
+    stub_workdir,
+    two_node_train_command,
+    variant,
+    venv_env,
+)
 
 from iteralign.cluster import visible_gpus
-
-DPO = REPO / "configs/llama3-8b-dpo-online.yaml"
-KTO = REPO / "configs/llama3-8b-kto-online.yaml"
-JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
-
-
-def stub_workdir(root: Path) -> Path:
-    """The files the example configs point at: SFT and reward-model folders, 2304 prompts saved by `datasets`."""
-    for model in ("llama3-8b-sft", "ArmoRM-Llama3-8B-v0.1"):
-        (root / "models" / model).mkdir(parents=True)
-        (root / "models" / model / "config.json").write_text("{}")
-    prompts = [f"Question {i}: what is {i} squared?" for i in range(2304)]
-    datasets.Dataset.from_dict({"prompt": prompts}).save_to_disk(root / "data/ultrafeedback-binarized")
-    return root
-
-
-def variant(config_file: Path, target: Path, **changes: dict) -> Path:
-    """A copy of an example config with some sections updated."""
-    config = yaml.safe_load(config_file.read_text())
-    for section, values in changes.items():
-        config[section] = {**config.get(section, {}), **values}
-    target.write_text(yaml.safe_dump(config))
-    return target
-
-
-def dry_run(workdir: Path, config_file: Path, env: dict | None = None, *options: str) -> list[dict]:
-    """The jobs `snakemake -n -p` plans: rule, resources (as printed) and shell command."""
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-               str(config_file), "-n", "-p", *options]
-    run_env = {**(env or os.environ), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(command, capture_output=True, text=True, env=run_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs: list[dict] = []
-    for line in (result.stdout + result.stderr).splitlines():
-        header = JOB_HEADER.match(line)
-        if header:
-            jobs.append({"rule": header.group(1), "resources": {}, "shell": None})
-        elif jobs and line.startswith("    resources: "):
-            pairs = (item.split("=", 1) for item in line.removeprefix("    resources: ").split(", "))
-            jobs[-1]["resources"] = dict(pairs)
-        elif jobs and line.startswith("Shell command: "):
-            jobs[-1]["shell"] = line.removeprefix("Shell command: ")
-    return jobs
 
 
 def gpus_by_rule(jobs: list[dict]) -> dict[str, set[str]]:
@@ -81,7 +49,7 @@ def stubs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def planned(stubs) -> dict[str, list[dict]]:
     """The dry-run jobs of each example config."""
-    return {"dpo": dry_run(stubs, DPO), "kto": dry_run(stubs, KTO)}
+    return {"dpo": dry_run_jobs(stubs, DPO), "kto": dry_run_jobs(stubs, KTO)}
 
 
 EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4, "reference": 4, "train": 4,
@@ -119,24 +87,19 @@ def test_gpu_jobs_ask_cpus_per_gpu_and_cpu_jobs_do_not(planned):
 
 
 def test_partition_and_account_come_from_the_config_then_the_environment(tmp_path):
-    workdir = tmp_path / "w"
-    workdir.mkdir()
-    write_reward_module(workdir)
-    config = micro_config(resources={"default": {"partition": "cpu"}, "train": {"partition": "gpu"}})
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    workdir = new_workdir(tmp_path / "w", resources={"default": {"partition": "cpu"}, "train": {"partition": "gpu"}})
     env = {**os.environ, "SBATCH_ACCOUNT": "alignment", "SBATCH_PARTITION": "ignored"}
-    jobs = {job["rule"]: job["resources"] for job in dry_run(workdir, workdir / "config.yaml", env)}
+    jobs = {job["rule"]: job["resources"] for job in dry_run_jobs(workdir, workdir / "config.yaml", env=env)}
     assert jobs["train"]["slurm_partition"] == "gpu" and jobs["sample"]["slurm_partition"] == "cpu"
     assert jobs["train"]["slurm_account"] == "alignment"
 
 
 def test_without_partition_or_account_none_is_asked(tmp_path):
-    workdir = tmp_path / "w"
-    workdir.mkdir()
-    write_reward_module(workdir)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(micro_config()))
+    workdir = new_workdir(tmp_path / "w")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBATCH_")}
-    for job in dry_run(workdir, workdir / "config.yaml", env):
+    jobs = dry_run_jobs(workdir, workdir / "config.yaml", env=env)
+    assert {"sample", "train"} <= {job["rule"] for job in jobs}  # the plan has jobs that submit
+    for job in jobs:
         assert not {"slurm_partition", "slurm_account"} & set(job["resources"]), job
 
 
@@ -144,7 +107,7 @@ def test_without_partition_or_account_none_is_asked(tmp_path):
 @pytest.fixture(scope="module")
 def two_node_jobs(stubs, tmp_path_factory) -> list[dict]:
     config = variant(DPO, tmp_path_factory.mktemp("nodes") / "two_nodes.yaml", training={"nodes": 2})
-    return dry_run(stubs, config)
+    return dry_run_jobs(stubs, config)
 
 
 def test_two_node_training_asks_two_nodes_one_task_each_and_four_gpus_per_node(two_node_jobs):
@@ -154,10 +117,6 @@ def test_two_node_training_asks_two_nodes_one_task_each_and_four_gpus_per_node(t
     assert "gpu" not in train and "slurm_extra" not in train  # the GPUs are asked for once, per node
     sample = next(job["resources"] for job in two_node_jobs if job["rule"] == "sample")
     assert sample["gpu"] == "1" and "nodes" not in sample and "mpi" not in sample
-
-
-def two_node_train_command(jobs: list[dict]) -> str:
-    return next(job["shell"] for job in jobs if job["rule"] == "train")
 
 
 STUB_SRUN = """#!/bin/bash
@@ -200,6 +159,7 @@ def test_every_env_pins_its_packages_and_installs_iteralign_after_creation():
         env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
         conda = [d for d in env["dependencies"] if isinstance(d, str)]
         pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+        assert conda and pip, name
         assert all(re.fullmatch(r"[\w.-]+=[\d.]+", d) for d in conda), conda
         assert all(re.fullmatch(r"[\w.-]+==[\w.]+", p) for p in pip), pip
         assert (REPO / "envs" / f"{name}.post-deploy.sh").resolve() == REPO / "envs/install-iteralign.sh"
@@ -207,9 +167,8 @@ def test_every_env_pins_its_packages_and_installs_iteralign_after_creation():
 
 @pytest.mark.parametrize("config_file", [REPO / "config.yaml", DPO], ids=["demo", "dpo"])
 def test_lint_is_clean_with_a_conda_env_for_every_rule(stubs, config_file):
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
-                             "--configfile", str(config_file), "--lint"], capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    result = subprocess.run(snakemake_command(stubs, config_file, "--lint"), capture_output=True, text=True,
+                            env=venv_env())
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, result.stderr
 
 
@@ -265,7 +224,7 @@ def submitted(stubs, tmp_path_factory) -> dict[str, dict[str, str]]:
         raw = yaml.safe_load(config.read_text())
         raw["resources"] = docs_resources()
         config.write_text(yaml.safe_dump(raw))
-        jobs = dry_run(stubs, config, None, "--profile", str(REPO / "profiles/slurm"))
+        jobs = dry_run_jobs(stubs, config, "--profile", str(REPO / "profiles/slurm"))
         calls[name] = {job["rule"]: sbatch_call(job) for job in jobs
                        if job["rule"] in ("plan", "sample", "score", "feedback", "reference", "train", "evaluate")}
     return calls
@@ -309,9 +268,7 @@ def test_qos_constraint_and_partition_come_from_the_config_per_rule(submitted):
 
 def test_slurm_extra_with_an_option_the_plugin_sets_is_refused_at_parse_time_naming_the_key(stubs, tmp_path):
     config = variant(DPO, tmp_path / "extra.yaml", resources={"train": {"slurm_extra": "--qos=high --exclusive"}})
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
-                             "--configfile", str(config), "-n"], capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    result = dry_run(stubs, config)
     assert result.returncode != 0
     assert "key resources.train.slurm_extra: found '--qos=high --exclusive'" in result.stderr
     assert "set resources.train.qos instead" in result.stderr
@@ -377,9 +334,7 @@ def test_the_console_says_when_the_config_asks_more_gpus_than_the_machine_shows(
     raw["policy"]["sft_checkpoint"] = "models/llama3-8b-sft"
     config = stubs / "judge.yaml"
     config.write_text(yaml.safe_dump(raw))
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(stubs),
-                             "--configfile", str(config), "-n"], capture_output=True, text=True,
-                            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OPENAI_API_KEY": "sk-unused"})
+    result = dry_run(stubs, config, env={**os.environ, "OPENAI_API_KEY": "sk-unused"})
     assert result.returncode == 0, result.stderr[-2000:]
     said = [line for line in result.stderr.splitlines() if line.startswith("iteralign: GPUs asked for")]
     assert said == ["iteralign: GPUs asked for (sample 1, reference 8, train 8), 0 visible on this machine: jobs run "

@@ -16,7 +16,7 @@ def test_empty_config_gets_every_default():
 
 
 def test_repo_demo_config_is_valid():
-    from conftest import REPO
+    from helpers import REPO
 
     config = cfg.load(REPO / "config.yaml")
     assert config["experiment"] == "demo" and config["training"]["gpus"] == 0

@@ -4,15 +4,12 @@ audit table at the end; a config typo or a short prompt set said in one line at 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, micro_config, write_reward_module
-from test_workflow import BIN
+from helpers import fresh_shell_env, new_workdir, snakemake_command
 
 from iteralign.artifacts import read_sidecar
 from iteralign.cluster import visible_gpus
@@ -21,23 +18,9 @@ from iteralign.console import round_line
 pytestmark = pytest.mark.workflow
 
 
-def fresh_shell_env() -> dict:
-    """A shell right after `make install`: no virtual environment on PATH."""
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
-    return {"HOME": os.environ.get("HOME", "/root"), "PATH": path, "LANG": "C.UTF-8"}
-
-
-def micro_workdir(root: Path, **sections) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
-    write_reward_module(root)
-    return root
-
-
 def venv_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """`.venv/bin/snakemake ...` typed in a fresh shell (the workflow's own rules then call `iteralign`)."""
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), *args]
+    command = snakemake_command(workdir, workdir / "config.yaml", *args)
     return subprocess.run(command, capture_output=True, text=True, env=fresh_shell_env())
 
 
@@ -45,8 +28,8 @@ def venv_snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 def console(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A one-round micro run (the prompts allow 1 of the 3 rounds asked) from a shell without the venv;
     training asks for 2 GPUs, which this machine does not have."""
-    workdir = micro_workdir(tmp_path_factory.mktemp("console") / "w", rounds=3,
-                            prompts={"num_generated": 24, "per_round": 12}, training={"gpus": 2})
+    workdir = new_workdir(tmp_path_factory.mktemp("console") / "w", rounds=3,
+                          prompts={"num_generated": 24, "per_round": 12}, training={"gpus": 2})
     result = venv_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
@@ -83,7 +66,7 @@ def test_fewer_rounds_than_asked_is_said_once_at_parse_time(console):
 
 
 def test_a_config_typo_is_one_line_first_through_snakemake(tmp_path):
-    workdir = micro_workdir(tmp_path / "w", training={"lrr": 0.1})
+    workdir = new_workdir(tmp_path / "w", training={"lrr": 0.1})
     result = venv_snakemake(workdir, "-n")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Using workflow specific profile")]

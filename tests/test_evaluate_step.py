@@ -9,7 +9,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from conftest import micro_config, write_reward_module
+from helpers import micro_config, write_reward_module
 
 from iteralign.cli import main
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_cli
 from feedback_data import write_feedback
+from helpers import run_cli
 
 from iteralign.artifacts import write_json
 

@@ -177,6 +177,7 @@ def test_no_mode_ever_pairs_a_tie_identical_texts_or_a_nan():
     for mode in ("random", "max", "min", "all"):
         for threshold in (0.0, 0.4, {"quantile": 0.5}):
             items, _ = build_pairwise(rows, mode, threshold, seed=1)
+            assert items, (mode, threshold)
             for item in items:
                 assert item["reward_A"] != item["reward_B"], (mode, threshold)
                 assert item["output_A"] != item["output_B"], (mode, threshold)

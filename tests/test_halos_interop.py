@@ -16,7 +16,7 @@ from importlib import resources
 import jsonschema
 import pytest
 import yaml
-from conftest import micro_config
+from helpers import micro_config
 
 from iteralign import config as cfg
 from iteralign.artifacts import write_json, write_parquet

@@ -10,8 +10,8 @@ import socket
 import pandas as pd
 import pytest
 import yaml
-from conftest import micro_config, run_cli
 from fake_openai import Action, FakeJudge, reply
+from helpers import micro_config, run_cli
 
 from iteralign import config as cfg
 from iteralign.score import ScoringError

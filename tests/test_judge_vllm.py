@@ -75,13 +75,13 @@ def test_a_second_run_is_answered_by_the_cache_and_sends_nothing(server, tmp_pat
 def test_a_reply_cut_by_max_tokens_is_nan_with_the_reply_quoted(server, tmp_path):
     before = request_counts(server)
     result = judge(server, tmp_path / "cache", max_tokens=3).score(PROMPTS[:4], OUTPUTS[:4])
-    assert all(math.isnan(r) for r in result.rewards)
+    assert len(result.rewards) == 4 and all(math.isnan(r) for r in result.rewards)
     assert result.errors == ["unparsable judge reply: 'Final'"] * 4
     assert request_counts(server)["length"] - before["length"] == 4
 
 
 def test_a_request_the_server_refuses_is_nan_with_its_reason_and_not_retried(server, tmp_path):
     result = judge(server, tmp_path / "cache", max_tokens=4096).score(PROMPTS[:2], OUTPUTS[:2])
-    assert all(math.isnan(r) for r in result.rewards)
+    assert len(result.rewards) == len(result.errors) == 2 and all(math.isnan(r) for r in result.rewards)
     assert all("400" in error and "max" in error.lower() for error in result.errors), result.errors
     assert result.usage["retries"] == 0 and result.usage["failed_requests"] == 2

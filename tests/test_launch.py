@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from iteralign import launch
 from iteralign.config import ConfigError, load_schema, validate

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, micro_config
 from feedback_data import write_feedback
+from helpers import REPO, micro_config
 
 from iteralign import config as cfg
 from iteralign.artifacts import write_parquet
@@ -128,7 +128,7 @@ def test_sft_on_pairwise_feedback_trains_on_the_chosen_completions_only(feedback
     items = load_feedback(feedback["pairwise"])
     examples = training_examples(items, "sft", seed=0)
     chosen = [i["output_A_text"] if i["label"] == 1 else i["output_B_text"] for i in items]
-    assert [e.completion for e in examples] == chosen
+    assert chosen and [e.completion for e in examples] == chosen
     assert all(e.desirable for e in examples)
 
 

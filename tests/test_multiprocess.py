@@ -8,7 +8,6 @@ mostly the start-up of two Python processes.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, micro_config
+from helpers import BIN, REPO, free_port, micro_config
 from safetensors.torch import load_file
 
 from iteralign import config as cfg
@@ -26,14 +25,6 @@ from iteralign.artifacts import write_json, write_parquet
 from iteralign.reference import reference_logps
 from iteralign.train.checkpoint import load_training_state
 from iteralign.train.trainer import train_round
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict:
@@ -108,7 +99,7 @@ def test_two_processes_end_with_the_weights_and_optimizer_state_of_one(runs, tin
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     state_one = torch.load(runs / "ckpt_1proc/FINAL/optimizer.pt", weights_only=True)["state"]
     state_two = torch.load(runs / "ckpt_2proc/FINAL/optimizer.pt", weights_only=True)["state"]
-    assert state_one.keys() == state_two.keys()
+    assert state_one and state_one.keys() == state_two.keys()
     assert all(torch.allclose(state_one[i]["exp_avg"], state_two[i]["exp_avg"], atol=1e-6) for i in state_one)
 
 

@@ -11,8 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import micro_config, write_reward_module
-from test_workflow import env, snakemake_cmd
+from helpers import micro_config, venv_env, workflow_command, write_reward_module
 
 from iteralign import config as cfg
 from iteralign.prompts import PromptError, load_prompts, plan_rounds
@@ -176,12 +175,12 @@ def test_snakemake_plans_from_a_dataset_folder(tmp_path):
     config = micro_config(prompts={"source": "data/prompts", "per_round": 12}, rounds=5)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     write_reward_module(tmp_path)
-    planned = subprocess.run(snakemake_cmd(tmp_path, "config.yaml", "-n", "--quiet", "rules"), capture_output=True,
-                             text=True, env=env())
+    planned = subprocess.run(workflow_command(tmp_path, "config.yaml", "-n", "--quiet", "rules"), capture_output=True,
+                             text=True, env=venv_env())
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert any(line.split() == ["train", "2"] for line in planned.stdout.splitlines()), planned.stdout
-    made = subprocess.run(snakemake_cmd(tmp_path, "config.yaml", "results/micro/prompts.parquet"),
-                          capture_output=True, text=True, env=env())
+    made = subprocess.run(workflow_command(tmp_path, "config.yaml", "results/micro/prompts.parquet"),
+                          capture_output=True, text=True, env=venv_env())
     assert made.returncode == 0, made.stderr[-2000:]
     plan = pd.read_parquet(tmp_path / "results/micro/prompts.parquet")
     assert len(plan) == 12 + 24 and set(plan["round"].dropna()) == {1, 2}

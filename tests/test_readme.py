@@ -9,9 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_cluster import stub_workdir
-from test_console import fresh_shell_env
+from helpers import REPO, fresh_shell_env, stub_workdir
 
 pytestmark = pytest.mark.workflow
 LEFT_OUT = {".git", "results", "logs", "benchmarks", ".snakemake", "data", "models"}

@@ -18,8 +18,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import micro_config, run_cli
-from test_workflow import EXP, copy_run, env, new_workdir, snakemake, snakemake_cmd
+from helpers import (
+    EXP,
+    copy_run,
+    micro_config,
+    new_workdir,
+    run_cli,
+    snakemake,
+    venv_env,
+    workflow_command,
+)
 
 from iteralign.artifacts import dir_sha256, file_sha256
 
@@ -35,7 +43,7 @@ def micro_run(tmp_path_factory) -> Path:
 
 def run_snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> subprocess.CompletedProcess:
     """snakemake that may fail (the caller looks at the outcome)."""
-    return subprocess.run(snakemake_cmd(workdir, configfile, *args), capture_output=True, text=True, env=env())
+    return subprocess.run(workflow_command(workdir, configfile, *args), capture_output=True, text=True, env=venv_env())
 
 
 def planned_jobs(dry_run: subprocess.CompletedProcess) -> dict[str, int]:
@@ -110,8 +118,8 @@ def test_a_second_run_of_the_same_experiment_from_another_folder_is_refused(tmp_
     results = tmp_path / "shared-results"
     slow = new_workdir(tmp_path / "first", results_dir=str(results), training={"epochs": 400})
     second = new_workdir(tmp_path / "second", results_dir=str(results), seed=1)
-    first = subprocess.Popen(snakemake_cmd(slow, "config.yaml"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    first = subprocess.Popen(workflow_command(slow, "config.yaml"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=venv_env(), start_new_session=True)
     try:
         lock = results / "micro/.lock"
         deadline = time.monotonic() + 300

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import micro_config
 from crafted import write_crafted_experiment
+from helpers import micro_config
 
 from iteralign.artifacts import write_json
 from iteralign.config import validate

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from iteralign.config import dump, validate
 from iteralign.retention import RetentionError, prune_checkpoint

@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, micro_config, run_cli
+from helpers import BIN, REPO, free_port, micro_config, run_cli
 from reward_models import save_classifier, save_multi_objective
 
 from iteralign import config as cfg
@@ -183,12 +181,6 @@ def test_non_finite_model_output_is_a_failed_score_not_a_number(models, monkeypa
     assert len(failed) == 1 and result.errors[failed[0]] == "reward model returned inf"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_give_the_same_rewards_as_one(tmp_path, models):
     """accelerate launch with 2 CPU processes (gloo), 13 samples: uneven shares, no row lost or doubled."""
     samples = tmp_path / "samples_r1.parquet"
@@ -203,12 +195,11 @@ def test_two_processes_give_the_same_rewards_as_one(tmp_path, models):
     config.write_text(yaml.safe_dump(raw))
     one, _ = score_samples(pd.read_parquet(samples), cfg.validate(raw))  # one process, this one
     args = ["score", "--config", str(config), "--round", "1", "--samples", str(samples)]
-    bin_dir = os.path.dirname(sys.executable)
     # --multi_gpu is accelerate's torchrun launcher; on a machine without GPUs the scorer uses gloo on CPU
     # (accelerate's --cpu launches a single process unless mpirun is used).
-    launch = [os.path.join(bin_dir, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), "-m", "iteralign.cli"]
+              "--main_process_port", str(free_port()), "-m", "iteralign.cli"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(launch + args + ["--output", str(tmp_path / "two.parquet")], capture_output=True,
                           text=True, env=env, timeout=300)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import micro_config, run_cli
-from served_models import free_port, request_counts, require_vllm, vllm_server
+from helpers import free_port, micro_config, run_cli
+from served_models import request_counts, require_vllm, vllm_server
 
 from iteralign import config as cfg
 from iteralign.score import ScoringError, build_scorer

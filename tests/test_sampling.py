@@ -37,8 +37,9 @@ def test_k_samples_per_prompt_are_seeded(policy):
 def test_finish_reason_and_token_counts(policy):
     model, tokenizer, texts = policy
     outs = hf.generate(model, tokenizer, texts, 2, 1.0, 1.0, 3, batch_size=6, seed=0)
-    for completion in (o for group in outs for o in group):
-        assert completion.finish_reason in ("stop", "length")
+    completions = [o for group in outs for o in group]
+    assert {c.finish_reason for c in completions} == {"stop", "length"}  # both token counts are checked
+    for completion in completions:
         if completion.finish_reason == "length":
             assert completion.num_tokens == 3
         else:

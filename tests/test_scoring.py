@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 import pytest
-from conftest import REPO, micro_config, write_reward_module
+from helpers import REPO, micro_config, write_reward_module
 
 from iteralign import config as cfg
 from iteralign.config import ConfigError

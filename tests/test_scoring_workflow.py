@@ -5,31 +5,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, micro_config
+from helpers import dry_run, micro_config
 
 pytestmark = pytest.mark.workflow
-BIN = Path(sys.executable).parent
 SECRET = "sk-workflow-0a1b2c3d4e5f60718293"
 
 
-def dry_run(workdir: Path, config: dict) -> subprocess.CompletedProcess:
+def plan(workdir: Path, config: dict) -> subprocess.CompletedProcess:
+    """A dry run of ``config``, with the judge's key in the environment."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "-n", "--cores", "1"]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ITERALIGN_TEST_JUDGE_KEY": SECRET}
-    return subprocess.run(command, capture_output=True, text=True, env=env)
+    return dry_run(workdir, workdir / "config.yaml", "--cores", "1",
+                   env={**os.environ, "ITERALIGN_TEST_JUDGE_KEY": SECRET})
 
 
 def test_a_missing_reward_model_stops_the_workflow_before_any_job(tmp_path):
     missing = tmp_path / "no-such-reward-model"
-    done = dry_run(tmp_path / "wf", micro_config(scoring={"scorer": "reward_model",
-                                                           "reward_model": {"path": str(missing)}}))
+    done = plan(tmp_path / "wf", micro_config(scoring={"scorer": "reward_model",
+                                                        "reward_model": {"path": str(missing)}}))
     said = done.stdout + done.stderr
     assert done.returncode != 0
     # when the workflow is parsed, before the DAG: the config key and the path
@@ -40,8 +37,8 @@ def test_a_missing_reward_model_stops_the_workflow_before_any_job(tmp_path):
 def test_every_score_job_reads_the_reward_model(tmp_path):
     model = tmp_path / "rm"
     model.mkdir()
-    done = dry_run(tmp_path / "wf", micro_config(scoring={"scorer": "reward_model",
-                                                           "reward_model": {"path": str(model)}}))
+    done = plan(tmp_path / "wf", micro_config(scoring={"scorer": "reward_model",
+                                                        "reward_model": {"path": str(model)}}))
     assert done.returncode == 0, done.stderr[-2000:]
     stamp = "results/micro/inputs/scoring.reward_model.path.json"  # its content stamp stands for it
     score_jobs = [block for block in done.stdout.split("\n\n") if "rule score:" in block]
@@ -51,7 +48,7 @@ def test_every_score_job_reads_the_reward_model(tmp_path):
 
 def test_the_judge_key_never_reaches_the_resolved_config(tmp_path):
     workdir = tmp_path / "wf"
-    done = dry_run(workdir, micro_config(scoring={
+    done = plan(workdir, micro_config(scoring={
         "scorer": "judge", "judge": {"model": "m", "base_url": "http://127.0.0.1:9/v1",
                                      "api_key_env": "ITERALIGN_TEST_JUDGE_KEY"}}))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,8 +8,8 @@ import logging
 import pandas as pd
 import pytest
 import yaml
-from conftest import micro_config, run_cli
 from fake_openai import ECHO, Action, FakeJudge, reply
+from helpers import micro_config, run_cli
 
 from iteralign.redaction import REDACTED, RedactingFilter, redact, register_secret_env
 

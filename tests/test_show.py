@@ -1,16 +1,9 @@
 """`iteralign show`: a few items of an artefact as a person reads them."""
 
 import pytest
-from crafted import write_crafted_experiment
 
 from iteralign.artifacts import write_json
 from iteralign.show import show
-
-
-@pytest.fixture
-def crafted(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return write_crafted_experiment(tmp_path)
 
 
 def test_pairwise_feedback_shows_prompt_both_outputs_rewards_and_the_preferred_one(crafted):

@@ -18,8 +18,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, micro_config, write_reward_module
-from test_workflow import BIN, EXP
+from helpers import (
+    DPO,
+    EXP,
+    REPO,
+    dry_run_jobs,
+    micro_config,
+    snakemake_command,
+    stub_workdir,
+    two_node_train_command,
+    variant,
+    venv_env,
+    write_reward_module,
+)
 
 pytestmark = [pytest.mark.workflow, pytest.mark.slurm]
 SETUP = REPO / "scripts" / "slurm_test_cluster.sh"
@@ -61,12 +72,10 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("slurm")
     (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config()))
     write_reward_module(workdir)
-    env = {key: value for key, value in os.environ.items()
-           if key != "CUDA_VISIBLE_DEVICES" and not key.startswith(("SLURM_", "SBATCH_"))}
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(workdir / "config.yaml"),
-               "--profile", str(REPO / "profiles/slurm"), "--profile", str(REPO / "tests/slurm_profile")]
+    env = venv_env({key: value for key, value in os.environ.items()
+                    if key != "CUDA_VISIBLE_DEVICES" and not key.startswith(("SLURM_", "SBATCH_"))})
+    command = snakemake_command(workdir, workdir / "config.yaml", "--profile", str(REPO / "profiles/slurm"),
+                                "--profile", str(REPO / "tests/slurm_profile"))
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted(workdir.rglob("*.log"))
@@ -100,16 +109,18 @@ def test_every_job_but_the_local_ones_ran_in_its_own_slurm_job(slurm_run):
     assert {rule_of(name) for name in remote} == set(DECLARED_GPUS)
     job_ids = [env.get("SLURM_JOB_ID") for env in remote.values()]
     assert None not in job_ids and len(set(job_ids)) == len(job_ids)
-    for name in grants.keys() - remote.keys():
+    local = grants.keys() - remote.keys()
+    assert local, grants
+    for name in local:
         assert "SLURM_JOB_ID" not in grants[name], name
     submitted = list((slurm_run / ".snakemake/slurm_logs").rglob("*.log"))
     assert len(submitted) == len(remote)  # one sbatch submission per job
 
 
 def test_each_job_was_granted_the_gpus_its_rule_declared(slurm_run):
-    for name, env in job_logs(slurm_run).items():
-        if rule_of(name) in LOCAL_RULES:
-            continue
+    remote = {name: env for name, env in job_logs(slurm_run).items() if rule_of(name) not in LOCAL_RULES}
+    assert {rule_of(name) for name in remote} == set(DECLARED_GPUS)  # a job of every rule is checked
+    for name, env in remote.items():
         visible = [index for index in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if index]
         assert len(visible) == DECLARED_GPUS[rule_of(name)], f"{name}: {env}"
 
@@ -125,11 +136,9 @@ def test_artefact_provenance_names_the_slurm_job(slurm_run):
 def test_multinode_train_command_gets_its_rank_main_node_and_gpus_inside_a_slurm_allocation(slurm_cluster,
                                                                                              tmp_path):
     """The two-node train command, run by sbatch on this one node: rank 0, this node as main, its GPUs."""
-    from test_cluster import DPO, dry_run, stub_workdir, two_node_train_command, variant
-
     workdir = stub_workdir(tmp_path / "w")
     config = variant(DPO, tmp_path / "two_nodes.yaml", training={"nodes": 2})
-    command = two_node_train_command(dry_run(workdir, config))
+    command = two_node_train_command(dry_run_jobs(workdir, config))
     fake = tmp_path / "bin/accelerate"  # stands in for accelerate: prints what it was given and the GPUs it sees
     fake.parent.mkdir()
     fake.write_text('#!/bin/bash\necho "accelerate $* CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"\n')

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, micro_config, write_reward_module
+from helpers import BIN, EXP, REPO, micro_config, snakemake_command, venv_env, write_reward_module
 
 pytestmark = pytest.mark.workflow
-EXP = Path("results/micro")
-BIN = Path(sys.executable).parent
 TRACKING = {"trackers": ["tensorboard", "mlflow", "wandb"]}
 # Secrets the run has in its environment or config; none may reach a file it writes.
 API_KEY = "wandb-key-that-must-not-leak-5f3a"
@@ -30,7 +28,7 @@ JOBS = [("plan", 0), ("sft", 0), ("evaluate", 0)] + [
 
 def _environment() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MLFLOW_"))}
-    return {**env, "PATH": f"{BIN}:{env['PATH']}", "WANDB_API_KEY": API_KEY}
+    return {**venv_env(env), "WANDB_API_KEY": API_KEY}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,7 @@ def run(tmp_path_factory) -> Path:
     config["scoring"] = {**config["scoring"], "judge": judge}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     write_reward_module(workdir)
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-               str(workdir / "config.yaml"), "--cores", "2"]
+    command = snakemake_command(workdir, workdir / "config.yaml", "--cores", "2")
     result = subprocess.run(command, capture_output=True, text=True, env=_environment())
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir
@@ -143,8 +140,9 @@ def test_one_tracker_run_spans_every_job(run):
         {state["wandb"]["run_id"]}
     steps = [r["history"]["step"]["num"] for job in jobs for r in job if r["type"] == "history"]
     assert steps == list(range(len(steps)))  # W&B's own step grows across jobs, so `wandb sync` keeps them all
-    assert [p.name for p in (run / EXP / "tracking").iterdir() if p.is_dir()] and \
-        all(p.is_file() for p in (run / EXP / "tracking/tensorboard").iterdir())  # one TensorBoard run
+    tensorboard = list((run / EXP / "tracking/tensorboard").iterdir())
+    assert [p.name for p in (run / EXP / "tracking").iterdir() if p.is_dir()] and tensorboard and \
+        all(p.is_file() for p in tensorboard)  # one TensorBoard run
 
 
 def test_tensorboard_holds_the_run_step_and_round_metrics(run):

@@ -3,11 +3,12 @@
 import json
 import shutil
 
+import feedback_data
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import micro_config
+from helpers import micro_config
 
 from iteralign import config as cfg
 from iteralign.artifacts import write_json, write_parquet
@@ -18,17 +19,12 @@ from iteralign.train.data import assign_kl_partners, unpaired_from_feedback
 from iteralign.train.schedule import lr_lambda
 from iteralign.train.trainer import train_round
 
-OUTPUTS = ["012", "013", "110", "111", "099", "100"]
+OUTPUTS = ["012", "013", "110", "111"]  # all of 3 characters
 
 
-def crafted_samples(n_prompts=6):
-    rows = []
-    for p in range(n_prompts):
-        prompt = [{"role": "user", "content": f"{10 + p}+{20 + p}"}]
-        for s, out in enumerate(OUTPUTS[:4]):
-            rows.append({"prompt_id": f"p{p}", "sample_id": s, "prompt": prompt, "output": f"{out}{p}",
-                         "reward": float((s * 7 + p) % 5)})
-    return rows
+def crafted_samples(n_prompts: int = 6) -> list[dict]:
+    """The shared crafted samples, with outputs of one length."""
+    return feedback_data.crafted_samples(n_prompts, outputs=OUTPUTS)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +120,7 @@ def test_kto_kl_partners_come_from_other_prompts(tmp_path):
     examples = unpaired_from_feedback(load_feedback(path))
     assign_kl_partners(examples, seed=0)
     owner = {s.completion: s.prompt_id for s in examples}  # outputs are unique per prompt here
+    assert examples
     for s in examples:
         assert s.kl_prompt_id == s.prompt_id  # the prompt stays, the completion is someone else's
         assert owner[s.kl_completion] != s.prompt_id

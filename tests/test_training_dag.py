@@ -4,37 +4,27 @@ reference-free losses, the accelerate launch for several GPUs or nodes."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, micro_config, write_reward_module
+from helpers import REPO, dry_run_jobs, new_workdir
 
 pytestmark = pytest.mark.workflow
-BIN = Path(sys.executable).parent
 
 
-def dry_run(workdir: Path, **sections) -> dict[str, list[str]]:
-    """Shell commands of a dry run, by rule name."""
-    workdir.mkdir(parents=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
-    write_reward_module(workdir)  # the config names micro_rewards:graded, checked at parse time
-    result = subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                             "--configfile", str(workdir / "config.yaml"), "-n", "-p", "--cores", "2"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+def commands_by_step(workdir: Path, **sections) -> dict[str, list[str]]:
+    """Shell commands of a dry run of the micro config (sections updated), by iteralign step."""
+    workdir = new_workdir(workdir, **sections)  # the config names micro_rewards:graded, checked at parse time
     commands: dict[str, list[str]] = {}
-    for command in re.findall(r"Shell command: (.*)", result.stdout + result.stderr):
-        step = re.search(r"(?:iteralign|iteralign\.cli) ([a-z-]+) ", command)
+    for job in dry_run_jobs(workdir, workdir / "config.yaml", "--cores", "2"):
+        step = re.search(r"(?:iteralign|iteralign\.cli) ([a-z-]+) ", job["shell"] or "")
         if step:  # rules without a shell command print None
-            commands.setdefault(step.group(1), []).append(command)
+            commands.setdefault(step.group(1), []).append(job["shell"])
     return commands
 
 
 def test_history_all_trains_on_every_round_so_far_and_computes_each_reference_once(tmp_path):
-    commands = dry_run(tmp_path / "all", training={"history": "all"})
+    commands = commands_by_step(tmp_path / "all", training={"history": "all"})
     assert len(commands["reference"]) == 3  # one per round, reused by the later rounds
     train_r3 = next(c for c in commands["train"] if "--round 3" in c)
     assert re.search(r"--feedback \S+feedback_r1.json \S+feedback_r2.json \S+feedback_r3.json --reference "
@@ -42,7 +32,8 @@ def test_history_all_trains_on_every_round_so_far_and_computes_each_reference_on
 
 
 def test_reference_free_loss_runs_no_reference_job_and_multi_node_training_launches_accelerate(tmp_path):
-    commands = dry_run(tmp_path / "simpo", training={"loss": "simpo", "gpus": 4, "nodes": 2, "history": "last_k"})
+    commands = commands_by_step(tmp_path / "simpo",
+                                training={"loss": "simpo", "gpus": 4, "nodes": 2, "history": "last_k"})
     assert "reference" not in commands
     assert all("--reference" not in c for c in commands["train"])
     # one launcher per node (srun); rank and main node come from SLURM when the task starts
@@ -54,9 +45,9 @@ def test_reference_free_loss_runs_no_reference_job_and_multi_node_training_launc
 
 
 def test_one_gpu_or_cpu_runs_iteralign_directly_and_several_gpus_use_fsdp(tmp_path):
-    cpu = dry_run(tmp_path / "cpu")
+    cpu = commands_by_step(tmp_path / "cpu")
     assert all(c.startswith("iteralign train ") for c in cpu["train"])
-    gpus = dry_run(tmp_path / "gpus", training={"gpus": 8})
+    gpus = commands_by_step(tmp_path / "gpus", training={"gpus": 8})
     # through iteralign.cluster, which fits the launch to the GPUs visible when the job starts
     assert all(c.startswith("python -m iteralign.cluster --gpus 8 -- accelerate launch --config_file "
                             f"{REPO}/configs/accelerate/fsdp_8gpu.yaml --num_processes 8 -m iteralign.cli reference ")

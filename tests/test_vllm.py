@@ -11,11 +11,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import dry_run
 
 from iteralign.sample import Completion, select_backend
 from iteralign.sample import vllm as vllm_backend
@@ -169,9 +168,7 @@ def test_asking_for_vllm_where_it_is_not_installed_names_its_env(monkeypatch):
 def dry_run_commands(tmp_path, sampling: dict) -> subprocess.CompletedProcess:
     """``snakemake -n -p`` of a one-round experiment: the shell commands it would run."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"experiment": "x", "rounds": 1, "sampling": sampling}))
-    return subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "-d",
-                           str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n", "-p"],
-                          capture_output=True, text=True)
+    return dry_run(tmp_path, tmp_path / "config.yaml", "-p")
 
 
 def shell_commands(stdout: str) -> list[str]:

@@ -16,9 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from helpers import EXP, REPO, new_workdir, snakemake
 from served_models import VLLM_PYTHON, require_vllm
-from test_workflow import EXP, new_workdir, snakemake
 
 from iteralign.artifacts import read_parquet, read_provenance
 

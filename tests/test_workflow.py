@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,38 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, micro_config, write_reward_module
+from helpers import EXP, copy_run, micro_config, new_workdir, snakemake, venv_env, workflow_command
 
 from iteralign.artifacts import artifact_sha256, read_provenance
 
 pytestmark = pytest.mark.workflow
-EXP = Path("results/micro")
-BIN = Path(sys.executable).parent
-
-
-def snakemake_cmd(workdir: Path, configfile: str, *args: str) -> list[str]:
-    return [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(workdir / configfile), "--rerun-triggers", "mtime", "input", "code",
-            "--cores", "2", "--rerun-incomplete", *args]
-
-
-def env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-
-
-def snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> subprocess.CompletedProcess:
-    result = subprocess.run(snakemake_cmd(workdir, configfile, *args), capture_output=True, text=True, env=env())
-    if result.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
-        raise AssertionError(f"snakemake failed:\n{result.stderr[-4000:]}\n{logs}")
-    return result
-
-
-def new_workdir(root: Path, **sections) -> Path:
-    root.mkdir(parents=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(micro_config(**sections)))
-    write_reward_module(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +30,6 @@ def run(tmp_path_factory) -> Path:
     workdir = new_workdir(tmp_path_factory.mktemp("wf") / "a")
     snakemake(workdir)
     return workdir
-
-
-def copy_run(run: Path, target: Path) -> Path:
-    shutil.copytree(run, target, symlinks=True)
-    return target
 
 
 def round_files(workdir: Path, n: int) -> list[Path]:
@@ -73,8 +40,8 @@ def round_files(workdir: Path, n: int) -> list[Path]:
 
 def test_dry_run_plans_exactly_the_rounds(tmp_path):
     workdir = new_workdir(tmp_path / "dry", prompts={"num_generated": 80, "per_round": 30})
-    out = subprocess.run(snakemake_cmd(workdir, "config.yaml", "-n", "--quiet", "rules"), capture_output=True,
-                         text=True, env=env())
+    out = subprocess.run(workflow_command(workdir, "config.yaml", "-n", "--quiet", "rules"), capture_output=True,
+                         text=True, env=venv_env())
     assert out.returncode == 0, out.stderr
     counts = {line.split()[0]: int(line.split()[1]) for line in out.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
@@ -151,8 +118,8 @@ def test_killed_training_leaves_no_final_and_a_rerun_completes_the_round(run, tm
     for name in ("train_r3.jsonl", "eval_r3.parquet", "eval_r3.json", "audit.tsv"):
         (workdir / EXP / name).unlink()
     log.unlink()
-    proc = subprocess.Popen(snakemake_cmd(workdir, "slow.yaml"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    proc = subprocess.Popen(workflow_command(workdir, "slow.yaml"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=venv_env(), start_new_session=True)
     def steps_logged():
         return len(re.findall(r"round 3 step \d+ loss", log.read_text())) if log.exists() else 0
 
