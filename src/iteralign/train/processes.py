@@ -1,7 +1,7 @@
 """The one Accelerator set-up every reference and train job uses (1 or N processes, CPU or GPU).
 
 Run plainly (``iteralign train ...``) it is a single process; under ``accelerate
-launch`` (rules/common.smk's ``launcher``) the process group, FSDP or DDP, and the
+launch`` (``iteralign.launch.launcher``) the process group, FSDP or DDP, and the
 mixed precision come from the launch and its config file (configs/accelerate/).
 """
 
