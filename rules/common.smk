@@ -173,6 +173,11 @@ def train_reference(wildcards):
     return every_round(layout.reference_logps, iteralign_config.history_rounds(config["training"], int(wildcards.n)))
 
 
+def lora_base(wildcards):
+    """The SFT checkpoint under a LoRA round's adapter (training.lora); none for full fine-tuning."""
+    return [checkpoint_dir(0)] if config["training"]["lora"] else []
+
+
 def round_feedback(wildcards):
     """feedback_r{n}.json of a trained round (its sidecar counts what was kept); none for round 0."""
     return [] if int(wildcards.n) == 0 else [result(layout.feedback(wildcards.n))]

@@ -1,11 +1,13 @@
 # Round n starts from ckpt_r{n-1}: weights, optimizer and scheduler state. It trains on
 # this round's feedback, or several rounds' (training.history), with their reference
-# tables (none for reference-free losses).
+# tables (none for reference-free losses). With training.lora it also reads ckpt_r0/FINAL,
+# the base under the adapter.
 rule train:
     input:
         feedback=train_feedback,
         reference=train_reference,
         checkpoint=previous_checkpoint,
+        base=lora_base,
     output:
         checkpoint=directory(checkpoint_dir("{n}")),
         metrics=result(layout.training_metrics("{n}")),
@@ -14,6 +16,7 @@ rule train:
         launch=launcher("train"),
         rebuilds=pruned_checkpoint_note,
         reference=input_option("reference"),
+        base=input_option("base"),
     message:
         "{params.rebuilds}"  # empty (Snakemake's usual job lines) unless it rebuilds a pruned checkpoint
     log:
@@ -29,5 +32,5 @@ rule train:
         conda_env("train")
     shell:
         "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
-        "{params.reference} --checkpoint {input.checkpoint} --output {output.checkpoint} "
+        "{params.reference} {params.base} --checkpoint {input.checkpoint} --output {output.checkpoint} "
         "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

@@ -237,11 +237,12 @@ def cmd_train(args) -> None:
 
     config = _config(args)
     _threads(args)
-    inputs = {"checkpoint": args.checkpoint}
+    inputs = {"checkpoint": args.checkpoint, **({"base": args.base} if args.base else {})}
     inputs.update({f"feedback_{i}": p for i, p in enumerate(args.feedback)})
     inputs.update({f"reference_{i}": p for i, p in enumerate(args.reference)})
     prov = _provenance("train", config, inputs)
-    train_round(config, args.round, args.feedback, args.reference, args.checkpoint, args.output, args.metrics, prov)
+    train_round(config, args.round, args.feedback, args.reference, args.checkpoint, args.output, args.metrics, prov,
+                base_checkpoint=args.base)
 
 
 def cmd_evaluate(args) -> None:
@@ -380,6 +381,7 @@ _COMMANDS = [
       ("--reference", {"default": [], "nargs": "*",
                        "help": "their reference tables, in any order (none for reference-free losses)"}),
       ("--checkpoint", {"required": True, "help": "policy of the previous round"}),
+      ("--base", {"default": None, "help": "the SFT checkpoint under the adapter (training.lora)"}),
       *_required("--output", "--metrics")]),
     ("evaluate", cmd_evaluate, "held-out evaluation of a round's policy", True,
      [_ROUND, _THREADS, *_required("--prompts", "--checkpoint", "--reference-checkpoint"),

@@ -344,6 +344,9 @@ def load(path: str | Path) -> dict:
 def config_hash(config: dict) -> str:
     """A short, stable hash of everything in the config that affects results."""
     relevant = {k: v for k, v in config.items() if k not in _HASH_EXCLUDED}
+    if isinstance(relevant.get("training"), dict) and relevant["training"].get("lora", False) is None:
+        # full fine-tuning hashes as a config without the key does
+        relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "lora"}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -118,18 +118,21 @@ def link_sft(config: dict, output: str | Path, provenance=None, stamp: str | Pat
     content stamp (``stamp``, iteralign.external) is what re-runs link_sft when the
     content changes. The sidecar's sha256 is the checkpoint's content hash (the
     stamp's, when it records this folder; else hashed here).
-    """
-    import json
 
+    An SFT checkpoint that is a LoRA adapter (adapter_config.json, no config.json) is
+    merged into the base model it names: ``ckpt_r0/FINAL`` then holds the merged weights.
+    """
     from iteralign.artifacts import atomic_path, dir_sha256, sidecar_path
     from iteralign.external import read_stamp
+    from iteralign.train.lora import is_adapter_folder
 
     source = Path(config["policy"]["sft_checkpoint"]).expanduser().resolve()
     if not source.is_dir():
         raise FileNotFoundError(f"policy.sft_checkpoint {source} does not exist or is not a folder")
-    if not (source / "config.json").exists():
+    adapter = is_adapter_folder(source) and not (source / "config.json").exists()
+    if not adapter and not (source / "config.json").exists():
         raise FileNotFoundError(f"policy.sft_checkpoint {source} has no config.json: not a Hugging Face checkpoint")
-    if not config["policy"]["trust_remote_code"]:
+    if not config["policy"]["trust_remote_code"] and not adapter:
         from iteralign.modeling import check_tokenizer_files
 
         check_tokenizer_files(source, "policy.sft_checkpoint")
@@ -138,11 +141,33 @@ def link_sft(config: dict, output: str | Path, provenance=None, stamp: str | Pat
         output.rmdir()  # an empty folder made by the workflow engine
     stamped = read_stamp(stamp) if stamp else None
     meta = provenance.record(linked_to=str(source)) if provenance else {"linked_to": str(source)}
+    if adapter:  # the merged weights are this folder's own content
+        with atomic_path(output, is_dir=True) as folder:
+            _merge_adapter(source, folder, config["policy"]["trust_remote_code"])
+            meta["sha256"] = dir_sha256(folder)
+            _write_meta(sidecar_path(output), meta)
+        return
     meta["sha256"] = stamped["sha256"] if stamped and stamped["path"] == str(source) else dir_sha256(source)
-    with atomic_path(sidecar_path(output)) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _write_meta(sidecar_path(output), meta)
     with atomic_path(output, is_dir=True) as tmp:
         _link_files(source, tmp)
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    import json
+
+    from iteralign.artifacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _merge_adapter(source: Path, target: Path, trust_remote_code: bool) -> None:
+    """An SFT checkpoint that is a LoRA adapter: ckpt_r0/FINAL is its base with it merged in."""
+    from iteralign.train.lora import merge_adapter_checkpoint
+
+    log.info("policy.sft_checkpoint %s is a LoRA adapter: merging it into its base", source)
+    merge_adapter_checkpoint(source, target, trust_remote_code)
 
 
 def _link_files(source: Path, target: Path) -> None:

@@ -4,6 +4,9 @@
 weights: ``optimizer.pt`` and ``scheduler.pt`` (read back with
 ``weights_only=True``) and ``trainer_state.json``. The folder is built under a
 temporary name and renamed when complete (:func:`iteralign.artifacts.atomic_dir`).
+With ``training.lora`` the weights are the merged model, beside them ``adapter/``
+(peft's adapter_model.safetensors and adapter_config.json), and the optimizer state
+is the adapter parameters' (:mod:`iteralign.train.lora`).
 
 Weights and optimizer state are always saved whole (gathered from FSDP shards)
 and the optimizer state keyed by parameter index, as ``torch.optim`` writes it:
@@ -51,13 +54,19 @@ def save_checkpoint(
     scheduler_state: dict | None = None,
     provenance: dict | None = None,
     state_dict: dict | None = None,
+    adapter: bool = False,
 ) -> None:
     """Write a complete checkpoint folder atomically.
 
     ``state_dict``: a full (gathered) state dict to save instead of the model's own,
-    as FSDP needs; ``None`` saves ``model.state_dict()``.
+    as FSDP needs; ``None`` saves ``model.state_dict()``. ``adapter``: ``model`` is a
+    peft model, saved as its adapter (``adapter/``) and the merged weights.
     """
     with atomic_dir(path, provenance) as tmp:
+        if adapter:
+            from iteralign.train.lora import save_adapter_and_merge
+
+            model = save_adapter_and_merge(model, tmp)
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if optimizer_state is not None:

@@ -42,6 +42,7 @@ from iteralign.train.checkpoint import (
     save_checkpoint,
 )
 from iteralign.train.data import CountingEncoder, example_length, plan_batches
+from iteralign.train.lora import attach_adapter
 from iteralign.train.objectives import Objective, objective_of
 from iteralign.train.processes import make_accelerator
 from iteralign.train.schedule import estimated_total_steps, lr_lambda
@@ -177,9 +178,10 @@ def _reference_logps(tcfg: dict, objective: Objective, reference_paths: list[str
 
 
 def _optimizer_and_schedule(model, config: dict):
+    """AdamW over the trainable parameters (all of them, or a LoRA adapter's) and its schedule."""
     tcfg = config["training"]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"],
+        [p for p in model.parameters() if p.requires_grad], lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"],
         weight_decay=tcfg["weight_decay"],
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -188,21 +190,40 @@ def _optimizer_and_schedule(model, config: dict):
     return optimizer, scheduler
 
 
+def _policy_model(config: dict, round_n: int, init_checkpoint: str | Path, base_checkpoint: str | Path | None):
+    """The policy of round n-1: the weights of ``init_checkpoint``, or with ``training.lora``
+    the base (the SFT model) plus the adapter of ``init_checkpoint``."""
+    tcfg, trust = config["training"], config["policy"]["trust_remote_code"]
+    if not tcfg["lora"]:
+        model = load_causal_lm(init_checkpoint, trust)
+        if tcfg["gradient_checkpointing"]:
+            enable_gradient_checkpointing(model)
+        return model
+    if base_checkpoint is None:
+        raise UserError("training.lora is set: the train step needs --base (the SFT checkpoint ckpt_r0/FINAL)")
+    model = load_causal_lm(base_checkpoint, trust)
+    if tcfg["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry gradients
+    return attach_adapter(model, tcfg["lora"], init_checkpoint, round_n)
+
+
 def _start_round(config: dict, round_n: int, feedback_paths: list[str | Path], reference_paths: list[str | Path],
-                 init_checkpoint: str | Path) -> _Round:
+                 init_checkpoint: str | Path, base_checkpoint: str | Path | None = None) -> _Round:
     """Load the policy of round n-1, the round's examples, and the optimizer and scheduler state."""
     tcfg = config["training"]
     objective = objective_of(tcfg)
     accelerator = make_accelerator(tcfg)
     torch.manual_seed(round_seed(config, round_n))
     tokenizer = load_tokenizer(init_checkpoint, config["policy"]["trust_remote_code"])
-    model = load_causal_lm(init_checkpoint, config["policy"]["trust_remote_code"])
-    if tcfg["gradient_checkpointing"]:
-        enable_gradient_checkpointing(model)
+    if tcfg["lora"] and accelerator.distributed_type == "FSDP":
+        raise UserError("training.lora with FSDP: not supported; train LoRA on one process or with DDP "
+                        "(training.accelerate_config: configs/accelerate/ddp.yaml), see docs/training.md")
+    model = _policy_model(config, round_n, init_checkpoint, base_checkpoint)
     reference = _reference_logps(tcfg, objective, reference_paths)
     examples, truncation = build_examples(feedback_paths, config, tokenizer, reference)
     optimizer, scheduler = _optimizer_and_schedule(model, config)
-    parameter_names = [name for name, _ in model.named_parameters()]  # the optimizer's order
+    parameter_names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
     # after prepare, so that FSDP shards the loaded state like the parameters
     previous, resumed = load_training_state(init_checkpoint, optimizer, scheduler, model, parameter_names)
@@ -338,8 +359,9 @@ def _save_round(run: _Round, state: dict, rows: list[dict], output_checkpoint: s
                 metrics_path: str | Path, provenance) -> None:
     """ckpt_r{n}/FINAL, then train_r{n}.jsonl: a metrics file on disk means the checkpoint is complete."""
     accelerator = run.accelerator
+    lora = bool(run.training["lora"])
     # collectives: every process takes part in gathering the full weights and optimizer state
-    full_state_dict = accelerator.get_state_dict(run.model)
+    full_state_dict = None if lora else accelerator.get_state_dict(run.model)
     optimizer_state = optimizer_state_to_save(run.model, run.optimizer)
     if accelerator.is_main_process:
         extra = {"round": run.round_n, "steps": state["steps_this_round"], "examples": len(run.examples),
@@ -354,6 +376,7 @@ def _save_round(run: _Round, state: dict, rows: list[dict], output_checkpoint: s
             scheduler_state=run.scheduler.state_dict(),
             provenance=record,
             state_dict=full_state_dict,
+            adapter=lora,
         )
         write_jsonl(rows, metrics_path, record)
         tracking.log_train_steps(run.config, rows)
@@ -371,10 +394,12 @@ def train_round(
     output_checkpoint: str | Path,
     metrics_path: str | Path,
     provenance=None,
+    base_checkpoint: str | Path | None = None,
 ) -> dict:
     """Train the policy one round on ``feedback_paths``; write ``output_checkpoint`` and
-    ``metrics_path``; return the checkpoint's trainer state."""
-    run = _start_round(config, round_n, feedback_paths, reference_paths, init_checkpoint)
+    ``metrics_path``; return the checkpoint's trainer state. ``base_checkpoint``: the SFT
+    model under the adapter, with ``training.lora``."""
+    run = _start_round(config, round_n, feedback_paths, reference_paths, init_checkpoint, base_checkpoint)
     if run.objective.old_policy and run.examples:
         _score_old_policy(run)
     run.model.train()

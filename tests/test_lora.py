@@ -1,0 +1,225 @@
+"""LoRA adapters (training.lora): only the adapter trains, FINAL is the merged model, the adapter
+and its Adam moments carry over, the reference stays the SFT model, every loss runs."""
+
+import json
+import shutil
+
+import feedback_data
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from feedback_data import write_feedback
+from helpers import micro_config
+from safetensors.torch import load_file
+
+from iteralign import config as cfg
+from iteralign.artifacts import dir_sha256, write_json, write_parquet
+from iteralign.config import ConfigError, uses_reference
+from iteralign.feedback import build_pairwise
+from iteralign.modeling import load_causal_lm
+from iteralign.reference import reference_logps
+from iteralign.train.lora import ADAPTER_DIR, linear_module_names
+from iteralign.train.trainer import train_round
+
+LORA = {"r": 4, "alpha": 8}
+PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+FEEDBACK_OF = {"dpo": "pairwise", "cdpo": "pairwise", "ipo": "pairwise", "slic": "pairwise", "simpo": "pairwise",
+               "orpo": "pairwise", "kto": "binary", "sft": "pairwise", "grpo": "scalar"}
+
+
+def lora_config(lora=None, **training) -> dict:
+    settings = {"warmup_steps": 2, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2,
+                "lora": {**LORA, **(lora or {})}, **training}
+    return cfg.validate(micro_config(training=settings))
+
+
+def write_round_files(root, config, ckpt0, n):
+    items, _ = build_pairwise(feedback_data.crafted_samples(6, outputs=["012", "013", "110", "111"]), "random",
+                              0.0, seed=n, round_n=n)
+    feedback, reference = root / f"feedback_r{n}.json", root / f"reflogps_r{n}.parquet"
+    write_json(items, feedback)
+    write_parquet(reference_logps(config, feedback, ckpt0), reference)
+    return feedback, reference
+
+
+@pytest.fixture(scope="module")
+def rounds(tmp_path_factory, tiny_checkpoint):
+    """Two LoRA rounds of DPO on the tiny model: (config, root, feedback and reference files)."""
+    root = tmp_path_factory.mktemp("lora")
+    config = lora_config()
+    ckpt0 = root / "ckpt_r0" / "FINAL"
+    shutil.copytree(tiny_checkpoint, ckpt0)
+    files = {n: write_round_files(root, config, ckpt0, n) for n in (1, 2)}
+    for n in (1, 2):
+        train_round(config, n, [files[n][0]], [files[n][1]], root / f"ckpt_r{n - 1}" / "FINAL",
+                    root / f"ckpt_r{n}" / "FINAL", root / f"train_r{n}.jsonl", base_checkpoint=ckpt0)
+    return config, root, files
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _base_and_adapter(root, n):
+    """The base (ckpt_r0) with the adapter of round n, as peft builds it."""
+    from peft import PeftModel
+
+    base = load_causal_lm(root / "ckpt_r0" / "FINAL")
+    return PeftModel.from_pretrained(base, root / f"ckpt_r{n}" / "FINAL" / ADAPTER_DIR).eval()
+
+
+def test_default_targets_are_every_linear_projection_but_the_head(tiny_checkpoint):
+    assert linear_module_names(load_causal_lm(tiny_checkpoint)) == PROJECTIONS
+
+
+def test_checkpoint_holds_the_merged_model_the_adapter_and_its_optimizer_state(rounds):
+    from transformers import AutoModelForCausalLM
+
+    _, root, _ = rounds
+    final = root / "ckpt_r1" / "FINAL"
+    assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt"} <= {p.name for p in final.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (final / ADAPTER_DIR).iterdir()}
+    merged = load_file(final / "model.safetensors")
+    assert not any("lora" in key or "base_layer" in key for key in merged)  # a plain model's names
+    AutoModelForCausalLM.from_pretrained(final)
+    adapter_keys = load_file(final / ADAPTER_DIR / "adapter_model.safetensors")
+    saved = torch.load(final / "optimizer.pt", weights_only=True)
+    assert len(saved["state"]) == len(adapter_keys) > 0  # moments of the adapter parameters only
+
+
+def test_only_the_adapter_changes_the_base_weights_stay_bit_identical(rounds):
+    _, root, _ = rounds
+    sft = load_causal_lm(root / "ckpt_r0" / "FINAL").state_dict()
+    model = _base_and_adapter(root, 2)
+    base = {name.removeprefix("base_model.model.").replace(".base_layer", ""): value
+            for name, value in model.state_dict().items() if "lora_" not in name}
+    assert set(base) == set(sft)
+    for name, value in sft.items():
+        assert torch.equal(base[name], value), name
+    lora_b = [v for name, v in model.state_dict().items() if "lora_B" in name]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # the adapter trained (B starts at zero)
+
+
+def test_merged_final_gives_the_logits_of_base_plus_adapter(rounds):
+    _, root, _ = rounds
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 4]])
+    with torch.no_grad():
+        merged = load_causal_lm(root / "ckpt_r2" / "FINAL")(input_ids=ids).logits
+        adapted = _base_and_adapter(root, 2)(input_ids=ids).logits
+        sft = load_causal_lm(root / "ckpt_r0" / "FINAL")(input_ids=ids).logits
+    assert (merged - sft).abs().max() > 1e-3  # the adapter changed the model
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)  # float32: rounding of W + BA only
+
+
+def test_round_two_resumes_the_adapter_moments_and_the_schedule(rounds):
+    _, root, _ = rounds
+    r1, r2 = _rows(root / "train_r1.jsonl"), _rows(root / "train_r2.jsonl")
+    assert r2[0]["step"] == len(r1) + 1 and r2[0]["lr"] > r1[0]["lr"]  # warmup not restarted
+    saved1 = torch.load(root / "ckpt_r1" / "FINAL" / "optimizer.pt", weights_only=True)["state"]
+    saved2 = torch.load(root / "ckpt_r2" / "FINAL" / "optimizer.pt", weights_only=True)["state"]
+    assert saved1 and set(saved1) == set(saved2)
+    for index in saved1:
+        assert int(saved2[index]["step"]) == len(r1) + len(r2)  # one Adam counter over both rounds
+    scheduler = torch.load(root / "ckpt_r2" / "FINAL" / "scheduler.pt", weights_only=True)
+    assert scheduler["last_epoch"] == len(r1) + len(r2)
+
+
+def test_round_two_starts_from_round_one_adapter_and_moments_exactly(rounds, tmp_path):
+    """Load round 1's checkpoint as round 2 does and compare with what round 1 saved."""
+    from iteralign.train.trainer import _start_round
+
+    config, root, files = rounds
+    run = _start_round(config, 2, [files[2][0]], [files[2][1]], root / "ckpt_r1" / "FINAL",
+                       root / "ckpt_r0" / "FINAL")
+    adapter = load_file(root / "ckpt_r1" / "FINAL" / ADAPTER_DIR / "adapter_model.safetensors")
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(adapter) > 0
+    for name, param in trainable.items():
+        assert torch.equal(param.detach(), adapter[name.replace(".default", "")]), name
+    saved = torch.load(root / "ckpt_r1" / "FINAL" / "optimizer.pt", weights_only=True)["state"]
+    for index, param in enumerate(trainable.values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(run.optimizer.state[param][key], saved[index][key])
+    assert run.first_step == len(_rows(root / "train_r1.jsonl"))
+
+
+def test_reference_logps_of_a_later_round_equal_the_sft_model(rounds):
+    """Round 2's reference table equals the log-probs of round 1's policy with its adapter removed."""
+    from iteralign.modeling import load_tokenizer
+
+    config, root, files = rounds
+    adapter_off = root / "adapter_off"
+    _base_and_adapter(root, 1).unload().save_pretrained(adapter_off)
+    load_tokenizer(root / "ckpt_r0" / "FINAL").save_pretrained(adapter_off)
+    stored = pd.read_parquet(files[2][1])["reference_logp"].to_numpy()
+    policy = reference_logps(config, files[2][0], root / "ckpt_r1" / "FINAL")["reference_logp"].to_numpy()
+    assert not np.allclose(stored, policy)  # the policy moved away from the reference
+    assert np.array_equal(stored, reference_logps(config, files[2][0], adapter_off)["reference_logp"].to_numpy())
+
+
+def test_the_provenance_hash_covers_the_adapter(rounds):
+    _, root, _ = rounds
+    final = root / "ckpt_r2" / "FINAL"
+    meta = json.loads((final.parent / "FINAL.meta.json").read_text()) if (final.parent / "FINAL.meta.json").exists() \
+        else None
+    before = dir_sha256(final)
+    adapter_file = final / ADAPTER_DIR / "adapter_config.json"
+    original = adapter_file.read_text()
+    adapter_file.write_text(original + " ")
+    try:
+        assert dir_sha256(final) != before
+    finally:
+        adapter_file.write_text(original)
+    assert dir_sha256(final) == before
+    assert meta is None or meta["sha256"] == before
+
+
+@pytest.mark.parametrize("loss", sorted(FEEDBACK_OF))
+def test_every_loss_runs_a_lora_round_with_gradient_checkpointing(loss, tmp_path, tiny_checkpoint):
+    config = cfg.validate(micro_config(feedback={"type": FEEDBACK_OF[loss]}, training={
+        "loss": loss, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2, "lora": LORA,
+        "gradient_checkpointing": True}))
+    path = write_feedback(tmp_path, FEEDBACK_OF[loss])
+    references = []
+    if uses_reference(config["training"]):
+        references = [tmp_path / "reflogps.parquet"]
+        write_parquet(reference_logps(config, path, tiny_checkpoint), references[0])
+    state = train_round(config, 1, [path], references, tiny_checkpoint, tmp_path / "ckpt_r1" / "FINAL",
+                        tmp_path / "train_r1.jsonl", base_checkpoint=tiny_checkpoint)
+    rows = _rows(tmp_path / "train_r1.jsonl")
+    assert state["global_step"] == len(rows) > 0
+    assert all(np.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in rows)
+    assert (tmp_path / "ckpt_r1" / "FINAL" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("lora", "key"), [({"r": 0}, "training.lora.r"), ({"alpha": -1}, "training.lora.alpha"),
+                                           ({"dropout": 1.5}, "training.lora.dropout"),
+                                           ({"rank": 4}, "training.lora.rank"),
+                                           ({"target_modules": []}, "training.lora.target_modules"),
+                                           ({"reference": "other"}, "training.lora.reference")])
+def test_bad_lora_settings_are_one_line_naming_the_key(lora, key):
+    with pytest.raises(ConfigError) as error:
+        lora_config(lora)
+    assert key in str(error.value).splitlines()[0]
+
+
+def test_unknown_target_modules_name_the_key(tmp_path, tiny_checkpoint):
+    from iteralign.errors import UserError
+
+    config = lora_config({"target_modules": ["query_key_value"]})
+    path = write_feedback(tmp_path, "pairwise")
+    reference = tmp_path / "reflogps.parquet"
+    write_parquet(reference_logps(config, path, tiny_checkpoint), reference)
+    with pytest.raises(UserError, match=r"training\.lora\.target_modules.*q_proj"):
+        train_round(config, 1, [path], [reference], tiny_checkpoint, tmp_path / "out", tmp_path / "m.jsonl",
+                    base_checkpoint=tiny_checkpoint)
+    assert not (tmp_path / "out").exists()
+
+
+def test_full_fine_tuning_config_hash_is_unchanged_by_the_lora_key():
+    config = cfg.validate(micro_config())
+    assert config["training"]["lora"] is None
+    without = {**config, "training": {k: v for k, v in config["training"].items() if k != "lora"}}
+    assert cfg.config_hash(config) == cfg.config_hash(without)
+    assert cfg.config_hash(lora_config()) != cfg.config_hash(config)
