@@ -223,3 +223,70 @@ def test_full_fine_tuning_config_hash_is_unchanged_by_the_lora_key():
     without = {**config, "training": {k: v for k, v in config["training"].items() if k != "lora"}}
     assert cfg.config_hash(config) == cfg.config_hash(without)
     assert cfg.config_hash(lora_config()) != cfg.config_hash(config)
+
+
+def test_two_processes_train_the_adapter_one_process_trains(tmp_path, tiny_checkpoint):
+    import yaml
+    from test_multiprocess import accelerate_launch, nine_pairs
+
+    write_json(nine_pairs(), tmp_path / "feedback_r1.json")
+    raw = micro_config(training={"batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 0,
+                                 "lora": LORA, "gradient_checkpointing": True})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    config = cfg.validate(raw)
+    write_parquet(reference_logps(config, tmp_path / "feedback_r1.json", tiny_checkpoint), tmp_path / "ref.parquet")
+    train_round(config, 1, [tmp_path / "feedback_r1.json"], [tmp_path / "ref.parquet"], tiny_checkpoint,
+                tmp_path / "ckpt_1proc/FINAL", tmp_path / "train_1proc.jsonl", base_checkpoint=tiny_checkpoint)
+    accelerate_launch("train", "--config", "config.yaml", "--round", "1", "--feedback", "feedback_r1.json",
+                      "--reference", "ref.parquet", "--checkpoint", str(tiny_checkpoint), "--base",
+                      str(tiny_checkpoint), "--output", "ckpt_2proc/FINAL", "--metrics", "train_2proc.jsonl",
+                      cwd=tmp_path)
+    one, two = (_rows(tmp_path / f"train_{n}proc.jsonl") for n in (1, 2))
+    assert len(one) == len(two) == 3
+    assert [row["loss"] for row in two] == pytest.approx([row["loss"] for row in one], rel=1e-5, abs=1e-6)
+    for file in (f"{ADAPTER_DIR}/adapter_model.safetensors", "model.safetensors"):
+        a, b = (load_file(tmp_path / f"ckpt_{n}proc/FINAL" / file) for n in (1, 2))
+        assert a.keys() == b.keys() and a
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, file
+
+
+def test_an_sft_checkpoint_that_is_a_lora_adapter_is_merged_into_its_base(tmp_path, tiny_checkpoint):
+    from peft import LoraConfig, get_peft_model
+
+    from iteralign.artifacts import read_provenance
+    from iteralign.sft import link_sft
+
+    model = get_peft_model(load_causal_lm(tiny_checkpoint), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_()  # a trained adapter (B starts at zero)
+    adapter = tmp_path / "sft_adapter"
+    model.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_checkpoint)
+    config = cfg.validate(micro_config(policy={"sft_checkpoint": str(adapter)}))
+    output = tmp_path / "ckpt_r0" / "FINAL"
+    link_sft(config, output)
+    assert not any(p.is_symlink() for p in output.iterdir())  # written, not linked
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 4]])
+    with torch.no_grad():
+        merged = load_causal_lm(output)(input_ids=ids).logits
+        expected = model.eval()(input_ids=ids).logits
+        base = load_causal_lm(tiny_checkpoint)(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    assert (output / "tokenizer.json").is_file()
+    assert read_provenance(output)["sha256"] == dir_sha256(output)
+
+
+def test_an_adapter_whose_base_is_not_a_local_checkpoint_is_one_line(tmp_path):
+    from iteralign.errors import UserError
+    from iteralign.sft import link_sft
+
+    adapter = tmp_path / "sft_adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-3-8B"}))
+    config = cfg.validate(micro_config(policy={"sft_checkpoint": str(adapter)}))
+    with pytest.raises(UserError, match="base_model_name_or_path is 'meta-llama/Llama-3-8B'"):
+        link_sft(config, tmp_path / "ckpt_r0" / "FINAL")
+    assert not (tmp_path / "ckpt_r0").exists() or not any((tmp_path / "ckpt_r0").iterdir())

@@ -124,12 +124,14 @@ def link_sft(config: dict, output: str | Path, provenance=None, stamp: str | Pat
     """
     from iteralign.artifacts import atomic_path, dir_sha256, sidecar_path
     from iteralign.external import read_stamp
-    from iteralign.train.lora import is_adapter_folder
+    from iteralign.train.lora import adapter_base, is_adapter_folder
 
     source = Path(config["policy"]["sft_checkpoint"]).expanduser().resolve()
     if not source.is_dir():
         raise FileNotFoundError(f"policy.sft_checkpoint {source} does not exist or is not a folder")
     adapter = is_adapter_folder(source) and not (source / "config.json").exists()
+    if adapter:
+        adapter_base(source)  # names a local base model, or stops here
     if not adapter and not (source / "config.json").exists():
         raise FileNotFoundError(f"policy.sft_checkpoint {source} has no config.json: not a Hugging Face checkpoint")
     if not config["policy"]["trust_remote_code"] and not adapter:
