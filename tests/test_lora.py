@@ -2,6 +2,7 @@
 and its Adam moments carry over, the reference stays the SFT model, every loss runs."""
 
 import json
+import re
 import shutil
 
 import feedback_data
@@ -290,3 +291,16 @@ def test_an_adapter_whose_base_is_not_a_local_checkpoint_is_one_line(tmp_path):
     with pytest.raises(UserError, match="base_model_name_or_path is 'meta-llama/Llama-3-8B'"):
         link_sft(config, tmp_path / "ckpt_r0" / "FINAL")
     assert not (tmp_path / "ckpt_r0").exists() or not any((tmp_path / "ckpt_r0").iterdir())
+
+
+@pytest.mark.workflow
+def test_lora_train_jobs_read_the_sft_checkpoint_as_base_and_several_gpus_use_ddp(tmp_path):
+    from test_training_dag import commands_by_step
+
+    commands = commands_by_step(tmp_path / "lora", training={"lora": LORA, "gpus": 2})
+    assert len(commands["train"]) == 3 and len(commands["reference"]) == 3  # the reference job stays
+    for command in commands["train"]:
+        assert re.search(r"--base \S+/ckpt_r0/FINAL --checkpoint \S+/ckpt_r\d/FINAL", command), command
+        assert "configs/accelerate/ddp.yaml" in command
+    full = commands_by_step(tmp_path / "full")
+    assert all("--base" not in command for command in full["train"])

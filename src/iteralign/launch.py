@@ -114,6 +114,8 @@ def accelerate_config_file(config: dict, basedir: str | Path) -> str:
     if chosen is None:
         if training["nodes"] > 1:
             name = "fsdp_multinode.yaml"
+        elif training["gpus"] > 1 and training["lora"]:
+            name = "ddp.yaml"  # LoRA trains under DDP, not FSDP (docs/training.md)
         elif training["gpus"] > 4:
             name = "fsdp_8gpu.yaml"
         elif training["gpus"] > 1:
