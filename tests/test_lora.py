@@ -304,3 +304,45 @@ def test_lora_train_jobs_read_the_sft_checkpoint_as_base_and_several_gpus_use_dd
         assert "configs/accelerate/ddp.yaml" in command
     full = commands_by_step(tmp_path / "full")
     assert all("--base" not in command for command in full["train"])
+
+
+# ---------------------------------------------------------------- the workflow with LoRA
+WORKFLOW_TRAINING = {"lr": 1e-3, "lora": {"r": 8, "alpha": 16}}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    from helpers import new_workdir, snakemake
+
+    workdir = new_workdir(tmp_path_factory.mktemp("lora_wf") / "run", rounds=2, training=WORKFLOW_TRAINING)
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.workflow
+def test_a_lora_workflow_runs_end_to_end_and_passes_a_deep_audit(lora_run):
+    from helpers import EXP, run_cli
+
+    exp = lora_run / EXP
+    for n in (1, 2):
+        assert (exp / f"ckpt_r{n}/FINAL" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+        assert json.loads((exp / f"ckpt_r{n}/FINAL.meta.json").read_text())["sha256"] == dir_sha256(
+            exp / f"ckpt_r{n}/FINAL")
+    assert all((exp / f"eval_r{n}.json").is_file() for n in range(3))
+    done = run_cli("audit", str(EXP), "--deep", "--strict", cwd=lora_run, check=False)
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+@pytest.mark.workflow
+def test_the_last_good_store_keeps_and_restores_the_adapter(lora_run, tmp_path):
+    from helpers import EXP, copy_run
+
+    from iteralign.last_good import keep_last_good, restore
+
+    exp = copy_run(lora_run, tmp_path / "copy") / EXP
+    final = exp / "ckpt_r2/FINAL"
+    before = dir_sha256(final)
+    keep_last_good(exp)
+    shutil.rmtree(final)  # what a failed re-run of round 2 leaves
+    assert "ckpt_r2/FINAL" in restore(exp)
+    assert (final / ADAPTER_DIR / "adapter_model.safetensors").is_file() and dir_sha256(final) == before
