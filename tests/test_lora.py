@@ -346,3 +346,13 @@ def test_the_last_good_store_keeps_and_restores_the_adapter(lora_run, tmp_path):
     shutil.rmtree(final)  # what a failed re-run of round 2 leaves
     assert "ckpt_r2/FINAL" in restore(exp)
     assert (final / ADAPTER_DIR / "adapter_model.safetensors").is_file() and dir_sha256(final) == before
+
+
+@pytest.mark.workflow
+def test_the_held_out_reward_rises_from_round_0_to_the_last_lora_round(lora_run):
+    from helpers import EXP
+
+    first, last = (json.loads((lora_run / EXP / f"eval_r{n}.json").read_text()) for n in (0, 2))
+    assert last["mean_reward"] > first["mean_reward"]
+    assert last["win_rate_vs_r0"] > 0.5
+    assert last["kl_to_reference"] > 0  # the adapter moved the policy away from the SFT model
