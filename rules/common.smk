@@ -168,7 +168,7 @@ def train_feedback(wildcards):
 def train_reference(wildcards):
     """Their reference tables, each computed once by its own round's reference job;
     none for reference-free losses, so the reference rule does not run at all."""
-    if not iteralign_config.uses_reference(config["training"]):
+    if not iteralign_config.uses_reference_job(config["training"]):
         return []
     return every_round(layout.reference_logps, iteralign_config.history_rounds(config["training"], int(wildcards.n)))
 

@@ -292,6 +292,16 @@ def padding_waste(workdir: Path, seed: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- main
+def add_job_arguments(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
+    """The options of every training bench: threads, pairs, seed, and the worker call that runs one job."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per job (1: least disturbed by other load on a shared machine)")
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", choices=kinds, help=argparse.SUPPRESS)
+    parser.add_argument("workdir", nargs="?", help=argparse.SUPPRESS)
+
+
 def check_same_first_loss(first: dict[str, float]) -> None:
     """Same model, pairs, batch and reference log-probs: the first-step DPO losses must agree."""
     gap = max(abs(loss - first["trl"]) for loss in first.values())
@@ -304,14 +314,9 @@ def check_same_first_loss(first: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per job (1: least disturbed by other load on a shared machine)")
-    parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-model", default="768,8", metavar="HIDDEN,LAYERS",
                         help="the larger model of the memory comparison (weights, not the process, dominate)")
-    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
-    parser.add_argument("workdir", nargs="?", help=argparse.SUPPRESS)
+    add_job_arguments(parser, KINDS)
     args = parser.parse_args()
     if args.worker:
         worker_main(args.worker, Path(args.workdir), args.threads)

@@ -33,3 +33,15 @@ def write_feedback(folder: Path, kind: str, round_n: int = 1, n_prompts: int = 6
     path = folder / f"{kind}_feedback_r{round_n}.json"
     write_json(items, path)
     return path
+
+
+def nine_pairs() -> list[dict]:
+    """9 pairs: with batch_size 4 the last batch has one pair, so one process gets none."""
+    items = []
+    for p in range(9):
+        chosen, rejected = str(30 + 11 * p), f"{p}" * (1 + p % 4)
+        items.append({"type": "pairwise_feedback", "prompt_id": f"p{p}",
+                      "prompt": [{"role": "user", "content": f"{p}+{30 + 10 * p}"}],
+                      "output_A": [{"role": "assistant", "content": chosen}],
+                      "output_B": [{"role": "assistant", "content": rejected}], "label": 1})
+    return items

@@ -22,6 +22,7 @@ BIN = Path(sys.executable).parent  # the virtual environment's bin: snakemake, a
 EXP = Path("results/micro")  # the micro experiment's results, relative to its workdir
 DPO = REPO / "configs/llama3-8b-dpo-online.yaml"
 KTO = REPO / "configs/llama3-8b-kto-online.yaml"
+LORA_DPO = REPO / "configs/llama3-8b-dpo-lora.yaml"
 
 # A graded reward so that micro runs with a barely trained model still get pairs:
 # digits in the right place count, an exact answer gets the full point.
@@ -184,3 +185,25 @@ def variant(config_file: Path, target: Path, **changes: dict) -> Path:
 
 def two_node_train_command(jobs: list[dict]) -> str:
     return next(job["shell"] for job in jobs if job["rule"] == "train")
+
+
+def commands_by_step(workdir: Path, **sections) -> dict[str, list[str]]:
+    """Shell commands of a dry run of the micro config (sections updated), by iteralign step."""
+    workdir = new_workdir(workdir, **sections)  # the config names micro_rewards:graded, checked at parse time
+    commands: dict[str, list[str]] = {}
+    for job in dry_run_jobs(workdir, workdir / "config.yaml", "--cores", "2"):
+        step = re.search(r"(?:iteralign|iteralign\.cli) ([a-z-]+) ", job["shell"] or "")
+        if step:  # rules without a shell command print None
+            commands.setdefault(step.group(1), []).append(job["shell"])
+    return commands
+
+
+def launch_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def accelerate_launch(*args: str, cwd: Path) -> None:
+    command = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "iteralign.cli", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=launch_env())
+    assert result.returncode == 0, result.stderr[-4000:]

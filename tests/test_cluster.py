@@ -19,6 +19,7 @@ from helpers import (
     BIN,
     DPO,
     KTO,
+    LORA_DPO,
     REPO,
     dry_run,
     dry_run_jobs,
@@ -49,7 +50,7 @@ def stubs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def planned(stubs) -> dict[str, list[dict]]:
     """The dry-run jobs of each example config."""
-    return {"dpo": dry_run_jobs(stubs, DPO), "kto": dry_run_jobs(stubs, KTO)}
+    return {"dpo": dry_run_jobs(stubs, DPO), "kto": dry_run_jobs(stubs, KTO), "lora": dry_run_jobs(stubs, LORA_DPO)}
 
 
 EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4, "reference": 4, "train": 4,
@@ -59,6 +60,20 @@ EXAMPLE_JOBS = {"link_sft": 1, "plan": 1, "sample": 4, "score": 4, "feedback": 4
 @pytest.mark.parametrize("example", ["dpo", "kto"])
 def test_example_config_plans_four_rounds_of_512_prompts_from_the_sft_link(planned, example):
     assert Counter(job["rule"] for job in planned[example]) == EXAMPLE_JOBS
+
+
+def test_lora_example_trains_on_one_gpu_over_the_sft_model_and_keeps_two_checkpoints(planned):
+    from iteralign.config import load
+
+    config = load(LORA_DPO)
+    assert config["training"]["lora"]["r"] == 16 and config["training"]["gradient_checkpointing"]
+    # keep_last 2: one prune job fewer than the FSDP examples' keep_last 1
+    assert Counter(job["rule"] for job in planned["lora"]) == {**EXAMPLE_JOBS, "prune_checkpoint": 2}
+    assert gpus_by_rule(planned["lora"])["train"] == {"1"} and gpus_by_rule(planned["lora"])["reference"] == {"1"}
+    trains = [job["shell"] for job in planned["lora"] if job["rule"] == "train"]
+    assert len(trains) == 4
+    for shell in trains:  # one process: plain iteralign, the SFT checkpoint as the adapter's base
+        assert shell.startswith("iteralign train ") and " --base results/llama3-8b-dpo-lora/ckpt_r0/FINAL " in shell
 
 
 @pytest.mark.parametrize("example", ["dpo", "kto"])

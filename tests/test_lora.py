@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from feedback_data import write_feedback
-from helpers import micro_config
+from feedback_data import nine_pairs, write_feedback
+from helpers import accelerate_launch, commands_by_step, micro_config
 from safetensors.torch import load_file
 
 from iteralign import config as cfg
@@ -176,6 +176,27 @@ def test_the_provenance_hash_covers_the_adapter(rounds):
     assert meta is None or meta["sha256"] == before
 
 
+def test_adapter_off_reference_in_the_train_job_trains_as_the_reference_job_does(rounds, tmp_path):
+    """Round 2 again, its reference log-probs computed by the train job with round 1's adapter
+    switched off: the same losses and implicit rewards as with the reference job's table."""
+    config, root, files = rounds
+    in_job = lora_config({"reference": "adapter_off"})
+    assert uses_reference(in_job["training"]) and not cfg.uses_reference_job(in_job["training"])
+    train_round(in_job, 2, [files[2][0]], [], root / "ckpt_r1" / "FINAL", tmp_path / "FINAL",
+                tmp_path / "train_r2.jsonl", base_checkpoint=root / "ckpt_r0" / "FINAL")
+    with_job, without = _rows(root / "train_r2.jsonl"), _rows(tmp_path / "train_r2.jsonl")
+    assert len(with_job) == len(without) > 0
+    assert abs(with_job[0]["margin"]) > 1e-4  # round 1's adapter moved the policy: the reference matters
+    for key in ("loss", "reward_chosen", "reward_rejected", "margin"):
+        np.testing.assert_allclose([r[key] for r in without], [r[key] for r in with_job], rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_off_runs_no_reference_job(tmp_path):
+    commands = commands_by_step(tmp_path / "off", training={"lora": {**LORA, "reference": "adapter_off"}})
+    assert len(commands["train"]) == 3 and "reference" not in commands
+    assert all("--reference" not in command for command in commands["train"])
+
+
 @pytest.mark.parametrize("loss", sorted(FEEDBACK_OF))
 def test_every_loss_runs_a_lora_round_with_gradient_checkpointing(loss, tmp_path, tiny_checkpoint):
     config = cfg.validate(micro_config(feedback={"type": FEEDBACK_OF[loss]}, training={
@@ -228,7 +249,6 @@ def test_full_fine_tuning_config_hash_is_unchanged_by_the_lora_key():
 
 def test_two_processes_train_the_adapter_one_process_trains(tmp_path, tiny_checkpoint):
     import yaml
-    from test_multiprocess import accelerate_launch, nine_pairs
 
     write_json(nine_pairs(), tmp_path / "feedback_r1.json")
     raw = micro_config(training={"batch_size": 4, "micro_batch_size": 1, "lr": 1e-2, "warmup_steps": 0,
@@ -295,8 +315,6 @@ def test_an_adapter_whose_base_is_not_a_local_checkpoint_is_one_line(tmp_path):
 
 @pytest.mark.workflow
 def test_lora_train_jobs_read_the_sft_checkpoint_as_base_and_several_gpus_use_ddp(tmp_path):
-    from test_training_dag import commands_by_step
-
     commands = commands_by_step(tmp_path / "lora", training={"lora": LORA, "gpus": 2})
     assert len(commands["train"]) == 3 and len(commands["reference"]) == 3  # the reference job stays
     for command in commands["train"]:

@@ -7,7 +7,6 @@ mostly the start-up of two Python processes.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import BIN, REPO, free_port, micro_config
+from feedback_data import nine_pairs
+from helpers import BIN, REPO, accelerate_launch, free_port, launch_env, micro_config
 from safetensors.torch import load_file
 
 from iteralign import config as cfg
@@ -25,29 +25,6 @@ from iteralign.artifacts import write_json, write_parquet
 from iteralign.reference import reference_logps
 from iteralign.train.checkpoint import load_training_state
 from iteralign.train.trainer import train_round
-
-
-def launch_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-
-
-def accelerate_launch(*args: str, cwd: Path) -> None:
-    command = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-               "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "iteralign.cli", *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=launch_env())
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
-def nine_pairs() -> list[dict]:
-    """9 pairs: with batch_size 4 the last batch has one pair, so one process gets none."""
-    items = []
-    for p in range(9):
-        chosen, rejected = str(30 + 11 * p), f"{p}" * (1 + p % 4)
-        items.append({"type": "pairwise_feedback", "prompt_id": f"p{p}",
-                      "prompt": [{"role": "user", "content": f"{p}+{30 + 10 * p}"}],
-                      "output_A": [{"role": "assistant", "content": chosen}],
-                      "output_B": [{"role": "assistant", "content": rejected}], "label": 1})
-    return items
 
 
 @pytest.fixture(scope="module")

@@ -4,23 +4,11 @@ reference-free losses, the accelerate launch for several GPUs or nodes."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from helpers import REPO, dry_run_jobs, new_workdir
+from helpers import REPO, commands_by_step
 
 pytestmark = pytest.mark.workflow
-
-
-def commands_by_step(workdir: Path, **sections) -> dict[str, list[str]]:
-    """Shell commands of a dry run of the micro config (sections updated), by iteralign step."""
-    workdir = new_workdir(workdir, **sections)  # the config names micro_rewards:graded, checked at parse time
-    commands: dict[str, list[str]] = {}
-    for job in dry_run_jobs(workdir, workdir / "config.yaml", "--cores", "2"):
-        step = re.search(r"(?:iteralign|iteralign\.cli) ([a-z-]+) ", job["shell"] or "")
-        if step:  # rules without a shell command print None
-            commands.setdefault(step.group(1), []).append(job["shell"])
-    return commands
 
 
 def test_history_all_trains_on_every_round_so_far_and_computes_each_reference_once(tmp_path):

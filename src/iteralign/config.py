@@ -317,8 +317,19 @@ def _check_objective(config: dict, source: str) -> None:
 
 
 def uses_reference(training: dict) -> bool:
-    """Whether the round's loss needs reference log-probs (and so a reference job): its registry entry says."""
+    """Whether the round's loss needs reference log-probs: its registry entry says."""
     return objective_of(training).needs_reference(training)
+
+
+def reference_in_train_job(training: dict) -> bool:
+    """Whether the train job computes the reference log-probs itself, with its LoRA adapter
+    switched off (training.lora.reference: adapter_off), so that no reference job runs."""
+    return uses_reference(training) and bool(training["lora"]) and training["lora"]["reference"] == "adapter_off"
+
+
+def uses_reference_job(training: dict) -> bool:
+    """Whether each round's reference job computes the reference log-probs the train job reads."""
+    return uses_reference(training) and not reference_in_train_job(training)
 
 
 def history_rounds(training: dict, round_n: int) -> list[int]:

@@ -28,7 +28,7 @@ import torch
 
 from iteralign import tracking
 from iteralign.artifacts import write_jsonl
-from iteralign.config import round_seed
+from iteralign.config import reference_in_train_job, round_seed
 from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
 from iteralign.logps import batched_completion_logps, completion_logps
@@ -165,8 +165,18 @@ class _Round:
         return self.config["training"]
 
 
-def _reference_logps(tcfg: dict, objective: Objective, reference_paths: list[str | Path]) -> ReferenceLogps | None:
+def _computed_later(prompt_id: str, completion: str) -> float:
+    """A reference log-prob that the train job fills in itself (_score_reference_adapter_off)."""
+    return 0.0
+
+
+def _reference_logps(tcfg: dict, objective: Objective, reference_paths: list[str | Path]):
     """The reference tables the loss needs, or None (with a warning when some were given in vain)."""
+    if reference_in_train_job(tcfg):
+        if reference_paths:
+            log.warning("training.lora.reference is 'adapter_off': the reference tables %s are not used",
+                        [str(p) for p in reference_paths])
+        return _computed_later
     if objective.needs_reference(tcfg):
         if not reference_paths:
             raise UserError(f"training.loss={tcfg['loss']!r} needs reference log-probs (--reference), found none")
@@ -235,6 +245,28 @@ def _start_round(config: dict, round_n: int, feedback_paths: list[str | Path], r
         log.info("round %d: %s has no optimizer state; starting a fresh optimizer", round_n, init_checkpoint)
     return _Round(config, round_n, objective, accelerator, tokenizer, model, optimizer, prepared_optimizer,
                   scheduler, examples, truncation, first_step, first_step, previous.get("examples_seen", 0))
+
+
+# ---------------------------------------------------------------- the reference with the adapter off
+# Each token field of an example and the field of its reference log-prob.
+_REFERENCE_FIELDS = {"chosen": "reference_chosen", "rejected": "reference_rejected", "completion": "reference",
+                     "kl": "reference_kl"}
+
+
+def _score_reference_adapter_off(run: _Round) -> None:
+    """The reference log-probs of every example, from the SFT model that the base with the
+    LoRA adapter switched off is, before the first update (training.lora.reference: adapter_off)."""
+    slots = [(example, field) for example in run.examples for field in _REFERENCE_FIELDS if field in example]
+    accelerator = run.accelerator
+    with accelerator.unwrap_model(run.model).disable_adapter(), accelerator.autocast():
+        logps, _ = batched_completion_logps(
+            run.model, [example[field] for example, field in slots], run.tokenizer.pad_token_id,
+            2 * run.training["micro_batch_size"], accelerator.device, progress="reference (adapter off)",
+            rank=accelerator.process_index, world=accelerator.num_processes)
+    for (example, field), logp in zip(slots, logps.tolist(), strict=True):
+        example[_REFERENCE_FIELDS[field]] = logp
+    log.info("round %d: %d reference log-probs from the SFT model (the adapter switched off)", run.round_n,
+             len(slots))
 
 
 # ---------------------------------------------------------------- GRPO's old policy
@@ -400,6 +432,8 @@ def train_round(
     ``metrics_path``; return the checkpoint's trainer state. ``base_checkpoint``: the SFT
     model under the adapter, with ``training.lora``."""
     run = _start_round(config, round_n, feedback_paths, reference_paths, init_checkpoint, base_checkpoint)
+    if reference_in_train_job(run.training) and run.examples:
+        _score_reference_adapter_off(run)
     if run.objective.old_policy and run.examples:
         _score_old_policy(run)
     run.model.train()
