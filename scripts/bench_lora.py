@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import MODEL, TRAINING, add_job_arguments, rss_mb, setup  # noqa: E402
+from bench_training import MODEL, TRAINING, add_job_arguments, peak_rss_mb, rss_mb, setup  # noqa: E402
 
 BENCH_MODEL = {**MODEL, "hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": None}
@@ -86,18 +86,16 @@ def run_worker(kind: str, workdir: Path, threads: int) -> dict:
         raise RuntimeError(f"{kind} worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     measured["job_seconds"] = time.monotonic() - started  # the whole process: imports, loading, saving
-    measured["above_start_mb"] = measured.pop("peak_rss_kb") / 1024 - measured["baseline_rss_mb"]
+    measured["above_start_mb"] = measured.pop("peak_rss_mb") - measured["baseline_rss_mb"]
     return measured
 
 
 def worker_main(kind: str, workdir: Path, threads: int) -> None:
-    import resource
-
     import torch
 
     torch.set_num_threads(threads)
     result = worker(kind, workdir)
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

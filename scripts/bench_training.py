@@ -119,11 +119,23 @@ def setup(workdir: Path, pairs: int, seed: int, model: dict = MODEL, training: d
 
 
 # ---------------------------------------------------------------- workers (one process each)
-def rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program (VmHWM). Not
+    getrusage's ru_maxrss: that survives exec, so a worker would inherit the peak of the
+    benchmark process that forked it."""
+    return _status_mb("VmHWM")
 
 
 def ordered_pairs(workdir: Path, config: dict) -> list[dict]:
@@ -252,13 +264,10 @@ def run_worker(kind: str, workdir: Path, threads: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{kind} worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured["peak_rss_mb"] = measured.pop("peak_rss_kb") / 1024
     return measured
 
 
 def worker_main(kind: str, workdir: Path, threads: int) -> None:
-    import resource
-
     import torch
 
     torch.set_num_threads(threads)
@@ -266,7 +275,7 @@ def worker_main(kind: str, workdir: Path, threads: int) -> None:
         result = worker_iteralign(workdir, with_reference=kind == "iteralign+ref")
     else:
         result = worker_trl(workdir, precompute=kind == "trl-precomputed")
-    result["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from iteralign.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,6 +24,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 def linear_module_names(model) -> list[str]:
     """The names (last component) of the model's ``nn.Linear`` modules, the output head left out:
     for Llama, Qwen2 or Mistral the q, k, v, o, gate, up and down projections."""
+    import torch
+
     output = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module is not output}
