@@ -149,8 +149,10 @@ def report(results: dict[str, list[dict]], repeats: int) -> None:
     for kind in JOBS:
         tokens = f"{median(kind, speed):9.0f}" if kind in KINDS else f"{'-':>9s}"
         print(f"{kind:16s} {tokens} {median(kind, lambda r: r['job_seconds']):11.1f} {median(kind, memory):24.0f}")
-    print(f"\nlora / full: peak RSS above start {ratio('lora', 'full', memory):.2f}x (goal <= 0.4x), "
-          f"tokens/s {ratio('lora', 'full', speed):.2f}x (goal >= 0.9x)")
+    for kind in ("lora", "lora-adapter-off"):
+        print(f"{'' if kind == 'lora-adapter-off' else chr(10)}{kind} / full: peak RSS above start "
+              f"{ratio(kind, 'full', memory):.2f}x (goal <= 0.4x), tokens/s {ratio(kind, 'full', speed):.2f}x "
+              "(goal >= 0.9x)")
     with_job = statistics.median(r["job_seconds"] + t["job_seconds"]
                                  for r, t in zip(results["reference"], results["lora"], strict=True))
     print(f"LoRA reference: reference job + train job {with_job:.1f} s of jobs, train job with the adapter off "
