@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from iteralign.errors import UserError
+from iteralign.tokens import completion_key
+
 log = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ["prompt_id", "completion_key", "reference_logp", "num_tokens", "truncated"]
@@ -27,7 +30,7 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
     from iteralign.feedback import check_trainable, load_feedback
     from iteralign.logps import batched_completion_logps
     from iteralign.modeling import load_causal_lm, load_tokenizer
-    from iteralign.tokens import PromptRenderer, completion_key, encode
+    from iteralign.tokens import PromptRenderer, encode
     from iteralign.train.data import training_sequences
     from iteralign.train.objectives import training_examples
     from iteralign.train.processes import make_accelerator
@@ -94,9 +97,6 @@ class ReferenceLogps:
         self.table, self.sources = load_reference_logps(paths), [str(s) for s in paths]
 
     def __call__(self, prompt_id: str, completion: str) -> float:
-        from iteralign.errors import UserError
-        from iteralign.tokens import completion_key
-
         key = (prompt_id, completion_key(completion))
         if key not in self.table:
             raise UserError(

@@ -156,6 +156,9 @@ class CountingEncoder:
         return e
 
 
+# The token fields of the examples below, each with the field of its reference log-prob.
+REFERENCE_FIELDS = {"chosen": "reference_chosen", "rejected": "reference_rejected", "completion": "reference",
+                    "kl": "reference_kl"}
 # What a token-example builder gets: the encoder above and the reference log-prob of
 # (prompt_id, completion), None for a reference-free loss.
 Encoder = Callable[[str, list[dict], str], Encoded]

@@ -41,7 +41,7 @@ from iteralign.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from iteralign.train.data import CountingEncoder, example_length, plan_batches
+from iteralign.train.data import REFERENCE_FIELDS, CountingEncoder, example_length, plan_batches
 from iteralign.train.lora import attach_adapter
 from iteralign.train.objectives import Objective, objective_of
 from iteralign.train.processes import make_accelerator
@@ -203,19 +203,15 @@ def _optimizer_and_schedule(model, config: dict):
 def _policy_model(config: dict, round_n: int, init_checkpoint: str | Path, base_checkpoint: str | Path | None):
     """The policy of round n-1: the weights of ``init_checkpoint``, or with ``training.lora``
     the base (the SFT model) plus the adapter of ``init_checkpoint``."""
-    tcfg, trust = config["training"], config["policy"]["trust_remote_code"]
-    if not tcfg["lora"]:
-        model = load_causal_lm(init_checkpoint, trust)
-        if tcfg["gradient_checkpointing"]:
-            enable_gradient_checkpointing(model)
-        return model
-    if base_checkpoint is None:
+    tcfg, lora = config["training"], config["training"]["lora"]
+    if lora and base_checkpoint is None:
         raise UserError("training.lora is set: the train step needs --base (the SFT checkpoint ckpt_r0/FINAL)")
-    model = load_causal_lm(base_checkpoint, trust)
+    model = load_causal_lm(base_checkpoint if lora else init_checkpoint, config["policy"]["trust_remote_code"])
     if tcfg["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
-        model.enable_input_require_grads()  # the frozen embeddings' output must carry gradients
-    return attach_adapter(model, tcfg["lora"], init_checkpoint, round_n)
+        if lora:
+            model.enable_input_require_grads()  # the frozen embeddings' output must carry gradients
+    return attach_adapter(model, lora, init_checkpoint, round_n) if lora else model
 
 
 def _start_round(config: dict, round_n: int, feedback_paths: list[str | Path], reference_paths: list[str | Path],
@@ -248,15 +244,10 @@ def _start_round(config: dict, round_n: int, feedback_paths: list[str | Path], r
 
 
 # ---------------------------------------------------------------- the reference with the adapter off
-# Each token field of an example and the field of its reference log-prob.
-_REFERENCE_FIELDS = {"chosen": "reference_chosen", "rejected": "reference_rejected", "completion": "reference",
-                     "kl": "reference_kl"}
-
-
 def _score_reference_adapter_off(run: _Round) -> None:
     """The reference log-probs of every example, from the SFT model that the base with the
     LoRA adapter switched off is, before the first update (training.lora.reference: adapter_off)."""
-    slots = [(example, field) for example in run.examples for field in _REFERENCE_FIELDS if field in example]
+    slots = [(example, field) for example in run.examples for field in REFERENCE_FIELDS if field in example]
     accelerator = run.accelerator
     with accelerator.unwrap_model(run.model).disable_adapter(), accelerator.autocast():
         logps, _ = batched_completion_logps(
@@ -264,7 +255,7 @@ def _score_reference_adapter_off(run: _Round) -> None:
             2 * run.training["micro_batch_size"], accelerator.device, progress="reference (adapter off)",
             rank=accelerator.process_index, world=accelerator.num_processes)
     for (example, field), logp in zip(slots, logps.tolist(), strict=True):
-        example[_REFERENCE_FIELDS[field]] = logp
+        example[REFERENCE_FIELDS[field]] = logp
     log.info("round %d: %d reference log-probs from the SFT model (the adapter switched off)", run.round_n,
              len(slots))
 
