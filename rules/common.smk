@@ -117,6 +117,11 @@ def previous_checkpoint(wildcards):
     return checkpoint_dir(int(wildcards.n) - 1)
 
 
+def sampling_checkpoint(wildcards):
+    """The checkpoint that samples round n: ckpt_r{n-1}, or sampling.lag rounds older."""
+    return checkpoint_dir(iteralign_config.sampling_round(config, int(wildcards.n)))
+
+
 def round_checkpoint(wildcards):
     return checkpoint_dir(int(wildcards.n))
 
@@ -131,12 +136,12 @@ def eval_previous(wildcards):
 
 
 def input_option(name):
-    """A params function: `--<name> <the rule's input files called name>`, or nothing when there are none."""
+    """A params function: `--<name, with hyphens> <the rule's input files called name>`, or nothing when there are none."""
 
     def render(wildcards, input):
         files = getattr(input, name)
         files = [files] if isinstance(files, str) else list(files)
-        return f"--{name} {' '.join(files)}" if files else ""
+        return f"--{name.replace('_', '-')} {' '.join(files)}" if files else ""
 
     return render
 
@@ -148,6 +153,16 @@ def output_folder(wildcards, output):
 def later_training_metrics(wildcards):
     """train_r{n+K}.jsonl: round n+K finished training (checkpoints.keep_last = K)."""
     return result(layout.training_metrics(int(wildcards.n) + config["checkpoints"]["keep_last"]))
+
+
+def lagged_readers(wildcards):
+    """Under sampling.lag, what round n+1+lag reads from ckpt_r{n}: its samples and old-policy
+    table (none without a lag: round n+1 samples before round n+K trains)."""
+    reader = int(wildcards.n) + 1 + config["sampling"]["lag"]
+    if not config["sampling"]["lag"] or reader > ROUNDS:
+        return []
+    tables = [layout.old_policy_logps(reader)] if iteralign_config.old_policy_job(config) else []
+    return [result(name) for name in [layout.samples(reader), *tables]]
 
 
 def pruned_checkpoint_note(wildcards):
@@ -171,6 +186,11 @@ def train_reference(wildcards):
     if not iteralign_config.uses_reference_job(config["training"]):
         return []
     return every_round(layout.reference_logps, iteralign_config.history_rounds(config["training"], int(wildcards.n)))
+
+
+def old_policy_table(wildcards):
+    """GRPO's old-policy table of round n when sampling lags (the old_policy job); none otherwise."""
+    return [result(layout.old_policy_logps(wildcards.n))] if iteralign_config.old_policy_job(config) else []
 
 
 def lora_base(wildcards):

@@ -1,6 +1,7 @@
 # checkpoints.keep_last: K deletes round n's policy checkpoint once no job reads it
 # any more: round n was evaluated (eval_r{n}) and round n+K finished training
-# (train_r{n+K}.jsonl, written after its checkpoint). The checkpoint itself is a
+# (train_r{n+K}.jsonl, written after its checkpoint), and under sampling.lag the round
+# that samples from it has its samples. The checkpoint itself is a
 # param, not an input: a deleted checkpoint must not look like a missing input.
 # Only the existence of train_r{n+K}.jsonl matters (ancient): re-training a later
 # round does not prune again.
@@ -10,6 +11,7 @@ if config["checkpoints"]["keep_last"]:
         input:
             evaluation=result(layout.eval_summary("{n}")),
             trained=ancient(later_training_metrics),
+            sampled=ancient(lagged_readers),
         output:
             result(layout.pruned_record("{n}")),
         params:

@@ -1,7 +1,9 @@
+# Round n samples from ckpt_r{n-1}, or with sampling.lag L from ckpt_r{n-1-L} (at least
+# ckpt_r0): then it does not wait for round n-1's training.
 rule sample:
     input:
         prompts=result(layout.PROMPTS),
-        checkpoint=previous_checkpoint,
+        checkpoint=sampling_checkpoint,
     output:
         result(layout.samples("{n}")),
     params:

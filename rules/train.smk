@@ -8,6 +8,7 @@ rule train:
         reference=train_reference,
         checkpoint=previous_checkpoint,
         base=lora_base,
+        old_policy=old_policy_table,
     output:
         checkpoint=directory(checkpoint_dir("{n}")),
         metrics=result(layout.training_metrics("{n}")),
@@ -17,6 +18,7 @@ rule train:
         rebuilds=pruned_checkpoint_note,
         reference=input_option("reference"),
         base=input_option("base"),
+        old_policy=input_option("old_policy"),
     message:
         "{params.rebuilds}"  # empty (Snakemake's usual job lines) unless it rebuilds a pruned checkpoint
     log:
@@ -32,5 +34,5 @@ rule train:
         conda_env("train")
     shell:
         "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
-        "{params.reference} {params.base} --checkpoint {input.checkpoint} --output {output.checkpoint} "
+        "{params.reference} {params.base} {params.old_policy} --checkpoint {input.checkpoint} --output {output.checkpoint} "
         "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from iteralign import layout
 
 AUDIT_COLUMNS = [
-    "round", "prompts", "samples", "failed_scores", "sample_reward", "pairs", "prompts_dropped",
+    "round", "prompts", "samples", "sampled_by", "failed_scores", "sample_reward", "pairs", "prompts_dropped",
     "train_steps", "train_loss", "train_accuracy", "eval_reward", "eval_ci_lo", "eval_ci_hi",
     "win_rate_vs_r0", "win_rate_vs_previous", "lc_reward", "eval_scorer_reward", "kl_to_reference",
     "eval_tokens", "max_length_fraction", "seconds",
@@ -74,15 +74,18 @@ def audit_rows(results: str | Path, benchmarks: str | Path | None = None) -> lis
 
 
 def _sampling_cells(results: Path, n: int) -> dict:
-    """samples, failed_scores, sample_reward, pairs and prompts_dropped of round n."""
+    """samples, sampled_by, failed_scores, sample_reward, pairs and prompts_dropped of round n."""
     import pandas as pd
 
-    from iteralign.artifacts import read_sidecar
+    from iteralign.artifacts import read_provenance, read_sidecar
 
     row: dict = {}
     samples, rewards = results / layout.samples(n), results / layout.rewards(n)
     if samples.exists():
         row["samples"] = len(pd.read_parquet(samples, columns=["sample_id"]))
+        sampled_by = _sampling_round(read_provenance(samples) or {})
+        if sampled_by is not None:
+            row["sampled_by"] = f"ckpt_r{sampled_by}"
     if rewards.exists():
         reward = pd.read_parquet(rewards, columns=["reward"])["reward"]
         row["failed_scores"] = int(reward.isna().sum())
@@ -93,6 +96,14 @@ def _sampling_cells(results: Path, n: int) -> dict:
         row["pairs"] = stats.get("pairs", stats.get("items"))
         row["prompts_dropped"] = stats.get("prompts", 0) - stats.get("prompts_kept", 0)
     return row
+
+
+def _sampling_round(provenance: dict) -> int | None:
+    """The round of the checkpoint that sampled: recorded by the sample step, else read from its input's path."""
+    if provenance.get("sampling_round") is not None:
+        return int(provenance["sampling_round"])
+    checkpoint = provenance.get("inputs", {}).get("checkpoint", {}).get("path")
+    return layout.round_of_checkpoint(Path(checkpoint)) if checkpoint else None
 
 
 def _training_cells(results: Path, n: int) -> dict:

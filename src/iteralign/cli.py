@@ -57,7 +57,7 @@ def _log_job_environment(step: str) -> None:
 
 
 # Steps that read no scorer leave its environment (reward module, API key) unchecked.
-_STEPS_WITHOUT_SCORER = ("feedback", "reference", "train", "prune", "report")
+_STEPS_WITHOUT_SCORER = ("feedback", "reference", "old-policy", "train", "prune", "report")
 
 
 def _config(args):
@@ -138,6 +138,7 @@ def cmd_sample(args) -> None:
 
     config = _config(args)
     _threads(args)
+    sampler = _sampling_round(config, args.round, args.checkpoint)
     prov = _provenance("sample", config, {"prompts": args.prompts, "checkpoint": args.checkpoint})
     plan = read_parquet(args.prompts)
     todo = plan[(plan["split"] == "train") & (plan["round"] == args.round)]
@@ -153,7 +154,21 @@ def cmd_sample(args) -> None:
                           prompt_ids=[f"{pid} ({args.prompts})" for pid in todo["prompt_id"]])
     frame = sample_frame(args.round, list(todo["prompt_id"]), prompts, generation.texts, generation.completions,
                          args.checkpoint, seed)
-    write_parquet(frame, args.output, prov.record(round=args.round, backend=generation.backend, rows=len(frame)))
+    write_parquet(frame, args.output, prov.record(round=args.round, backend=generation.backend, rows=len(frame),
+                                                  sampling_round=sampler, lag=scfg["lag"]))
+
+
+def _sampling_round(config: dict, round_n: int, checkpoint: str) -> int | None:
+    """The round of the checkpoint that samples round ``round_n``, checked against sampling.lag
+    when the checkpoint is one of the experiment's (ckpt_r{m}/FINAL); None for another folder."""
+    from iteralign.config import sampling_round
+    from iteralign.layout import round_of_checkpoint
+
+    found, expected = round_of_checkpoint(Path(checkpoint)), sampling_round(config, round_n)
+    if found is not None and found != expected:
+        raise UserError(f"sample --checkpoint {checkpoint}: round {round_n} samples from ckpt_r{expected} with "
+                        f"sampling.lag {config['sampling']['lag']}, found ckpt_r{found}")
+    return found
 
 
 def cmd_score(args) -> None:
@@ -218,17 +233,30 @@ def cmd_feedback(args) -> None:
 
 
 def cmd_reference(args) -> None:
+    from iteralign.reference import reference_logps
+
+    _write_logps_table(args, "reference", reference_logps)
+
+
+def cmd_old_policy(args) -> None:
+    from iteralign.reference import old_policy_logps
+
+    _write_logps_table(args, "old_policy", old_policy_logps)
+
+
+def _write_logps_table(args, step: str, compute) -> None:
+    """A table of log-probs of a round's feedback under one checkpoint (the reference or old_policy step)."""
     from iteralign.artifacts import write_parquet
     from iteralign.cluster import is_main_process
-    from iteralign.reference import reference_logps
 
     config = _config(args)
     _threads(args)
     main = is_main_process()  # under accelerate launch, every process computes a share; rank 0 writes
-    prov = _provenance("reference", config, {"feedback": args.feedback, "checkpoint": args.checkpoint}) if main else None
-    frame = reference_logps(config, args.feedback, args.checkpoint)
+    prov = _provenance(step, config, {"feedback": args.feedback, "checkpoint": args.checkpoint}) if main else None
+    frame = compute(config, args.feedback, args.checkpoint)
     if main:
-        log.info("round %d: reference log-probs of %d sequences", args.round, len(frame))
+        log.info("round %d: %s log-probs of %d sequences under %s", args.round, step.replace("_", "-"), len(frame),
+                 args.checkpoint)
         write_parquet(frame, args.output, prov.record(round=args.round, rows=len(frame)))
 
 
@@ -240,9 +268,10 @@ def cmd_train(args) -> None:
     inputs = {"checkpoint": args.checkpoint, **({"base": args.base} if args.base else {})}
     inputs.update({f"feedback_{i}": p for i, p in enumerate(args.feedback)})
     inputs.update({f"reference_{i}": p for i, p in enumerate(args.reference)})
+    inputs.update({f"old_policy_{i}": p for i, p in enumerate(args.old_policy)})
     prov = _provenance("train", config, inputs)
     train_round(config, args.round, args.feedback, args.reference, args.checkpoint, args.output, args.metrics, prov,
-                base_checkpoint=args.base)
+                base_checkpoint=args.base, old_policy_paths=args.old_policy)
 
 
 def cmd_evaluate(args) -> None:
@@ -375,6 +404,10 @@ _COMMANDS = [
     ("reference", cmd_reference, "reference log-probs of a round's feedback", True,
      [_ROUND, _THREADS, *_required("--feedback"),
       ("--checkpoint", {"required": True, "help": "the SFT checkpoint (ckpt_r0/FINAL)"}), *_required("--output")]),
+    ("old-policy", cmd_old_policy, "log-probs of a round's feedback under the checkpoint that sampled it "
+     "(GRPO under sampling.lag)", True,
+     [_ROUND, _THREADS, *_required("--feedback"),
+      ("--checkpoint", {"required": True, "help": "the round's sampling checkpoint"}), *_required("--output")]),
     ("train", cmd_train, "train the policy one round", True,
      [_ROUND, _THREADS,
       ("--feedback", {"required": True, "nargs": "+", "help": "feedback files (several with training.history)"}),
@@ -382,6 +415,8 @@ _COMMANDS = [
                        "help": "their reference tables, in any order (none for reference-free losses)"}),
       ("--checkpoint", {"required": True, "help": "policy of the previous round"}),
       ("--base", {"default": None, "help": "the SFT checkpoint under the adapter (training.lora)"}),
+      ("--old-policy", {"default": [], "nargs": "*", "help": "the old-policy table of GRPO's ratio under "
+                        "sampling.lag (oldlogps_r{n}.parquet)"}),
       *_required("--output", "--metrics")]),
     ("evaluate", cmd_evaluate, "held-out evaluation of a round's policy", True,
      [_ROUND, _THREADS, *_required("--prompts", "--checkpoint", "--reference-checkpoint"),

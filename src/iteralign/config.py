@@ -332,6 +332,20 @@ def uses_reference_job(training: dict) -> bool:
     return uses_reference(training) and not reference_in_train_job(training)
 
 
+def sampling_round(config: dict, round_n: int) -> int:
+    """The round whose checkpoint samples round ``round_n`` (sampling.lag behind the one it trains from)."""
+    return max(0, round_n - 1 - config["sampling"]["lag"])
+
+
+def old_policy_job(config: dict) -> bool:
+    """Whether an old_policy job scores each round's feedback under the checkpoint that sampled it.
+
+    A loss with an importance ratio (GRPO) needs pi_old(y|x) of the policy that sampled y. On
+    policy (sampling.lag 0) that is the policy the train job starts from, scored in the job.
+    """
+    return objective_of(config["training"]).old_policy and config["sampling"]["lag"] > 0
+
+
 def history_rounds(training: dict, round_n: int) -> list[int]:
     """The rounds whose feedback round ``round_n`` trains on (training.history)."""
     if training["history"] == "current":
@@ -352,12 +366,18 @@ def load(path: str | Path) -> dict:
     return validate(raw or {}, source=str(path))
 
 
+# Keys whose default hashes as a config without the key does (full fine-tuning, on-policy
+# sampling), so that adding them kept the hashes of experiments that leave them unset.
+_HASH_OMITTED_DEFAULTS = (("training", "lora", None), ("sampling", "lag", 0))
+
+
 def config_hash(config: dict) -> str:
     """A short, stable hash of everything in the config that affects results."""
     relevant = {k: v for k, v in config.items() if k not in _HASH_EXCLUDED}
-    if isinstance(relevant.get("training"), dict) and relevant["training"].get("lora", False) is None:
-        # full fine-tuning hashes as a config without the key does
-        relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "lora"}
+    for section, key, default in _HASH_OMITTED_DEFAULTS:
+        values = relevant.get(section)
+        if isinstance(values, dict) and key in values and values[key] == default:
+            relevant[section] = {k: v for k, v in values.items() if k != key}
     canonical = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -21,12 +21,12 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from iteralign.config import ConfigError
+from iteralign.config import ConfigError, old_policy_job
 
 # Steps that may span training.nodes nodes: SLURM starts one task per node
 # (`mpi: srun`), and each task runs one `accelerate launch` for its node's GPUs,
 # with the first node of the allocation as the main process.
-MULTINODE_STEPS = ("reference", "train")
+MULTINODE_STEPS = ("reference", "old_policy", "train")
 MAIN_PROCESS_PORT = "$((29500 + SLURM_JOB_ID % 10000))"  # jobs sharing a node get different ports
 # One conda env per kind of rule (--sdm conda on a cluster); without conda, sampling.backend
 # vllm runs these steps with .venv-vllm's Python (make vllm).
@@ -173,7 +173,8 @@ def gpu_shortfall(config: dict, visible_gpus: Callable[[], int]) -> str | None:
     (cluster.visible_gpus, asked only when some step wants a GPU)."""
     from iteralign.cluster import gpu_shortfall_note
 
-    asked = {step: gpus(config, step) for step in ("sample", "score", "reference", "train")}
+    steps = ("sample", "score", "reference", *(("old_policy",) if old_policy_job(config) else ()), "train")
+    asked = {step: gpus(config, step) for step in steps}
     return gpu_shortfall_note(asked, visible_gpus()) if max(asked.values()) > 0 else None
 
 

@@ -46,6 +46,8 @@ samples = _round_file("samples", "parquet", "k completions per training prompt o
 rewards = _round_file("rewards", "parquet", "the scorer's reward of each sample")
 feedback = _round_file("feedback", "json", "pairwise, binary or scalar feedback items")
 reference_logps = _round_file("reflogps", "parquet", "the SFT model's log-probs of the feedback's completions")
+old_policy_logps = _round_file("oldlogps", "parquet", "the sampling checkpoint's log-probs of the feedback's "
+                               "completions (GRPO under sampling.lag)")
 training_metrics = _round_file("train", "jsonl", "one line per optimizer step; written after ckpt_r{n}/FINAL")
 eval_table = _round_file("eval", "parquet", "held-out generations with their rewards")
 eval_summary = _round_file("eval", "json", "held-out metrics of round n's policy")
@@ -101,3 +103,10 @@ def round_of(path: Path) -> int | None:
     path = Path(path)
     parsed = parse_round_file(path.parent.name if path.name == CHECKPOINT_FOLDER else path.name)
     return parsed[1] if parsed else None
+
+
+def round_of_checkpoint(path: Path) -> int | None:
+    """n of a round's checkpoint path (ckpt_r{n}/FINAL); None for any other folder."""
+    path = Path(path)
+    parsed = parse_round_file(path.parent.name) if path.name == CHECKPOINT_FOLDER else None
+    return parsed[1] if parsed and parsed[0] == "ckpt" and parsed[2] is None else None

@@ -7,6 +7,9 @@ job never holds a reference model in memory. Rows are keyed by
 shares are gathered back in input order; only the main process writes.
 A loss whose registry entry (``iteralign.train.objectives``) needs no reference
 has no such job. :class:`ReferenceLogps` is the table as the trainer reads it.
+
+The old_policy job is the same computation under the checkpoint that sampled the
+round, for GRPO's importance ratio when sampling lags (sampling.lag > 0).
 """
 
 from __future__ import annotations
@@ -20,13 +23,37 @@ from iteralign.tokens import completion_key
 log = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ["prompt_id", "completion_key", "reference_logp", "num_tokens", "truncated"]
+OLD_POLICY_COLUMNS = ["prompt_id", "completion_key", "old_policy_logp", "num_tokens", "truncated"]
 
 
 def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path):
     """The reference table of one feedback file (a DataFrame with REFERENCE_COLUMNS), on every process."""
+    from iteralign.config import ConfigError, uses_reference
+
+    tcfg = config["training"]
+    if not uses_reference(tcfg):
+        raise ConfigError(f"training.loss={tcfg['loss']!r} with these settings is reference-free: "
+                          "it needs no reference log-probs")
+    return completion_logps(config, feedback_path, checkpoint, "reference")
+
+
+def old_policy_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path):
+    """The old-policy table of one feedback file, under the checkpoint that sampled it
+    (OLD_POLICY_COLUMNS), on every process: pi_old of GRPO's importance ratio under sampling.lag."""
+    from iteralign.config import ConfigError, old_policy_job
+
+    if not old_policy_job(config):
+        raise ConfigError(f"training.loss={config['training']['loss']!r} with sampling.lag "
+                          f"{config['sampling']['lag']}: the train job needs no old-policy log-probs")
+    return completion_logps(config, feedback_path, checkpoint, "old_policy").rename(
+        columns={"reference_logp": "old_policy_logp"})
+
+
+def completion_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path, progress: str):
+    """Log-probs under ``checkpoint`` of every sequence the loss builds from one feedback file,
+    tokenized as the train job tokenizes them, keyed by (prompt_id, completion_key)."""
     import pandas as pd
 
-    from iteralign.config import ConfigError, uses_reference
     from iteralign.feedback import check_trainable, load_feedback
     from iteralign.logps import batched_completion_logps
     from iteralign.modeling import load_causal_lm, load_tokenizer
@@ -36,9 +63,6 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
     from iteralign.train.processes import make_accelerator
 
     tcfg = config["training"]
-    if not uses_reference(tcfg):
-        raise ConfigError(f"training.loss={tcfg['loss']!r} with these settings is reference-free: "
-                          "it needs no reference log-probs")
     items = load_feedback(feedback_path)
     check_trainable(items, tcfg["loss"], feedback_path)
     sequences = training_sequences(training_examples(items, tcfg["loss"], config["seed"]))
@@ -62,10 +86,10 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
         with accelerator.autocast():
             logps, counts = batched_completion_logps(
                 model, encoded, tokenizer.pad_token_id, 2 * tcfg["micro_batch_size"], accelerator.device,
-                progress="reference", rank=accelerator.process_index, world=accelerator.num_processes,
+                progress=progress, rank=accelerator.process_index, world=accelerator.num_processes,
             )
     else:
-        log.warning("%s has no items; writing an empty reference table", feedback_path)
+        log.warning("%s has no items; writing an empty table", feedback_path)
         logps, counts = [], []
     return pd.DataFrame({
         "prompt_id": [s[0] for s in sequences],
@@ -76,32 +100,33 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
     }, columns=REFERENCE_COLUMNS)
 
 
-def load_reference_logps(paths: list[str | Path]) -> dict[tuple[str, str], float]:
-    """``(prompt_id, completion_key) -> reference_logp`` over the reference tables at ``paths``."""
+def load_reference_logps(paths: list[str | Path], column: str = "reference_logp") -> dict[tuple[str, str], float]:
+    """``(prompt_id, completion_key) -> column`` over the tables at ``paths``."""
     from iteralign.artifacts import check_columns, read_parquet
 
     table: dict[tuple[str, str], float] = {}
-    columns = ["prompt_id", "completion_key", "reference_logp"]
     for path in paths:
         frame = read_parquet(path)
-        check_columns(frame, columns, path)
-        table.update(zip(zip(frame.prompt_id, frame.completion_key, strict=True), frame.reference_logp.astype(float),
+        check_columns(frame, ["prompt_id", "completion_key", column], path)
+        table.update(zip(zip(frame.prompt_id, frame.completion_key, strict=True), frame[column].astype(float),
                          strict=True))
     return table
 
 
 class ReferenceLogps:
-    """The reference log-prob of a (prompt_id, completion), from the round's reference tables."""
+    """The log-prob of a (prompt_id, completion) from the round's reference tables (or, with
+    ``column="old_policy_logp"``, from its old-policy tables)."""
 
-    def __init__(self, paths: list[str | Path]):
-        self.table, self.sources = load_reference_logps(paths), [str(s) for s in paths]
+    def __init__(self, paths: list[str | Path], column: str = "reference_logp"):
+        self.table, self.sources = load_reference_logps(paths, column), [str(s) for s in paths]
+        self.step = column.removesuffix("_logp")
 
     def __call__(self, prompt_id: str, completion: str) -> float:
         key = (prompt_id, completion_key(completion))
         if key not in self.table:
             raise UserError(
-                f"{', '.join(self.sources)}: no reference log-prob for prompt_id {prompt_id} completion "
-                f"{completion!r:.60}; expected one for every feedback completion",
-                hint="re-run the reference step on this round's feedback file",
+                f"{', '.join(self.sources)}: no {self.step.replace('_', '-')} log-prob for prompt_id {prompt_id} "
+                f"completion {completion!r:.60}; expected one for every feedback completion",
+                hint=f"re-run the {self.step} step on this round's feedback file",
             )
         return self.table[key]

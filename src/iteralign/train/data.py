@@ -188,7 +188,8 @@ def sft_tensors(examples: list[Unpaired], encode: Encoder, reference: ReferenceL
 
 
 def grpo_tensors(examples: list[Unpaired], encode: Encoder, reference: ReferenceLogp, training: dict) -> list[dict]:
-    """A completion, its reference log-prob and its advantage within its prompt's group (of this file)."""
+    """A completion, its reference log-prob, its advantage within its prompt's group (of this file),
+    and its (prompt_id, completion)."""
     import torch
 
     from iteralign.train.losses import group_advantages
@@ -201,7 +202,9 @@ def grpo_tensors(examples: list[Unpaired], encode: Encoder, reference: Reference
     ).tolist()
     return [{"completion": encode(ex.prompt_id, ex.prompt, ex.completion),
              "reference": reference(ex.prompt_id, ex.completion),
-             "advantage": advantage} for ex, advantage in zip(examples, advantages, strict=True)]
+             "advantage": advantage,
+             "sequence": (ex.prompt_id, ex.completion)}  # to look up its old-policy log-prob
+            for ex, advantage in zip(examples, advantages, strict=True)]
 
 
 def example_length(example: dict) -> int:

@@ -28,7 +28,7 @@ import torch
 
 from iteralign import tracking
 from iteralign.artifacts import write_jsonl
-from iteralign.config import reference_in_train_job, round_seed
+from iteralign.config import old_policy_job, reference_in_train_job, round_seed
 from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
 from iteralign.logps import batched_completion_logps, completion_logps
@@ -261,9 +261,27 @@ def _score_reference_adapter_off(run: _Round) -> None:
 
 
 # ---------------------------------------------------------------- GRPO's old policy
+def _old_policy_logps(run: _Round, old_policy_paths: list[str | Path]) -> None:
+    """The old policy of GRPO's ratio is the checkpoint that sampled this round. On policy
+    (sampling.lag 0) that is the policy as it starts the round, scored here once before the
+    first update; under a lag it is an older checkpoint, whose log-probs the round's
+    old_policy job computed (``old_policy_paths``)."""
+    if old_policy_paths:
+        lookup = ReferenceLogps(old_policy_paths, column="old_policy_logp")
+        for example in run.examples:
+            example["old"] = lookup(*example["sequence"])
+        log.info("round %d: old-policy log-probs of %d completions from %s", run.round_n, len(run.examples),
+                 ", ".join(map(str, old_policy_paths)))
+    else:
+        _score_old_policy(run)
+    flat = sum(e["advantage"] == 0 for e in run.examples)
+    if flat:
+        log.info("round %d: %d of %d completions have advantage 0 (a group of equal rewards)",
+                 run.round_n, flat, len(run.examples))
+
+
 def _score_old_policy(run: _Round) -> None:
-    """The old policy of GRPO's ratio is the one that sampled this round: the policy as
-    it starts the round, scored once before the first update."""
+    """The log-probs of the policy as it starts the round."""
     accelerator = run.accelerator
     with accelerator.autocast():
         old, _ = batched_completion_logps(
@@ -272,10 +290,6 @@ def _score_old_policy(run: _Round) -> None:
             rank=accelerator.process_index, world=accelerator.num_processes)
     for example, logp in zip(run.examples, old.tolist(), strict=True):
         example["old"] = logp
-    flat = sum(e["advantage"] == 0 for e in run.examples)
-    if flat:
-        log.info("round %d: %d of %d completions have advantage 0 (a group of equal rewards)",
-                 run.round_n, flat, len(run.examples))
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -418,15 +432,21 @@ def train_round(
     metrics_path: str | Path,
     provenance=None,
     base_checkpoint: str | Path | None = None,
+    old_policy_paths: list[str | Path] = (),
 ) -> dict:
     """Train the policy one round on ``feedback_paths``; write ``output_checkpoint`` and
     ``metrics_path``; return the checkpoint's trainer state. ``base_checkpoint``: the SFT
-    model under the adapter, with ``training.lora``."""
+    model under the adapter, with ``training.lora``. ``old_policy_paths``: GRPO's old-policy
+    tables when sampling lags (sampling.lag)."""
+    if old_policy_job(config) and not old_policy_paths:
+        raise UserError(f"training.loss={config['training']['loss']!r} with sampling.lag {config['sampling']['lag']}: "
+                        f"the train step needs --old-policy (the old_policy table of round {round_n}: the "
+                        "log-probs of the checkpoint that sampled it)")
     run = _start_round(config, round_n, feedback_paths, reference_paths, init_checkpoint, base_checkpoint)
     if reference_in_train_job(run.training) and run.examples:
         _score_reference_adapter_off(run)
     if run.objective.old_policy and run.examples:
-        _score_old_policy(run)
+        _old_policy_logps(run, list(old_policy_paths))
     run.model.train()
     rows, padding, total_steps = _train_epochs(run, len(feedback_paths))
     state = _trainer_state(run, feedback_paths, total_steps, padding, provenance)
