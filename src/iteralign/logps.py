@@ -29,6 +29,31 @@ def completion_logps(
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def packed_completion_logps(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, completion_mask: torch.Tensor,
+    segments: torch.Tensor, count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logps` of sequences packed padding-free (``tokens.collate_packed``).
+
+    No attention mask is passed: transformers reads the packing from ``position_ids`` and
+    lets each sequence attend only to its own earlier tokens. The log-softmax is taken
+    only at completion targets (gather minus logsumexp of the selected rows).
+
+    Returns:
+        ``[count]`` summed log-probs (float32) and token counts of the ``count`` sequences, in the
+        order they were given to ``collate_packed``.
+    """
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    targets = completion_mask[:, 1:].bool()
+    selected = logits[:, :-1][targets].float()  # [K, V]: only the completion targets' rows
+    token_logps = selected.gather(-1, input_ids[:, 1:][targets].unsqueeze(-1)).squeeze(-1) - selected.logsumexp(-1)
+    owner = segments[:, 1:][targets]
+    sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+    lengths = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, owner, torch.ones_like(token_logps))
+    return sums, lengths
+
+
 @torch.no_grad()
 def batched_completion_logps(
     model,
