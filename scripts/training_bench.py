@@ -2,7 +2,7 @@
 pairs and reference log-probs, the DPO configuration, the worker processes they time,
 and the float32 matmul peak and FLOP/s estimate their throughputs are set against.
 
-Not a benchmark itself (``make bench`` runs scripts/bench_*.py): imported by
+Not a benchmark itself (``make bench`` runs scripts/bench_*.py, hence the name): imported by
 scripts/bench_training.py and scripts/bench_lora.py.
 """
 
@@ -172,7 +172,7 @@ def training_flops(parameters: int, tokens_per_second: float) -> float:
 
 
 def peak_worker_main() -> None:
-    """``python bench_models.py --peak THREADS``: print the matmul peak as JSON (a fresh process)."""
+    """``python training_bench.py --peak THREADS``: print the matmul peak as JSON (a fresh process)."""
     threads = int(sys.argv[sys.argv.index("--peak") + 1])
     print(json.dumps({str(n): flops for n, flops in matmul_peak(threads).items()}))
 
