@@ -45,7 +45,10 @@ def packed_completion_logps(
     """
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     targets = completion_mask[:, 1:].bool()
-    selected = logits[:, :-1][targets].float()  # [K, V]: only the completion targets' rows
+    # the positions that predict a target (t predicts t+1), selected without slicing the logits
+    # first: each of the two would allocate a [R, T, V] gradient in the backward pass
+    predicting = torch.nn.functional.pad(targets, (0, 1))
+    selected = logits[predicting].float()  # [K, V]: only the completion targets' rows
     token_logps = selected.gather(-1, input_ids[:, 1:][targets].unsqueeze(-1)).squeeze(-1) - selected.logsumexp(-1)
     owner = segments[:, 1:][targets]
     sums = torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
