@@ -93,3 +93,30 @@ def test_a_round_padding_free_trains_as_the_padded_one_on_no_more_positions(tmp_
     padded_model, packed_model = (load_causal_lm(tmp_path / str(p) / "FINAL") for p in (False, True))
     for a, b in zip(padded_model.parameters(), packed_model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_the_output_layer_runs_at_the_predicting_positions_only_and_is_restored(model, monkeypatch):
+    tensors = collate_packed(SEQUENCES, pad_id=0)
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(out.shape))
+    try:
+        logps, counts = packed_completion_logps(model, **tensors, count=len(SEQUENCES))
+        assert shapes == [(int(counts.sum()), model.config.vocab_size)]  # [K, V], not [R, T, V]
+        after = model(input_ids=tensors["input_ids"]).logits
+        assert after.shape == (*tensors["input_ids"].shape, model.config.vocab_size)  # the hook is gone
+    finally:
+        handle.remove()
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)  # not found: full logits
+    full, _ = packed_completion_logps(model, **tensors, count=len(SEQUENCES))
+    assert torch.allclose(full, logps, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_free_through_a_lora_adapter_equals_padded(model):
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    try:
+        padded, _ = completion_logps(wrapped, **collate(SEQUENCES, pad_id=0))
+        packed, _ = packed_completion_logps(wrapped, **collate_packed(SEQUENCES, pad_id=0), count=len(SEQUENCES))
+        assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-5)
+    finally:
+        wrapped.unload()
