@@ -4,7 +4,7 @@
     python scripts/bench_lora.py --repeats 5 --threads 2
 
 One run builds, locally, the word-level tokenizer and preference pairs of
-scripts/bench_training.py and a Llama of about 60M parameters (hidden 768, 8
+scripts/training_bench.py and its Llama of about 60M parameters (hidden 768, 8
 layers), with the reference log-probs of the round (iteralign's reference job).
 Then, each in a fresh process and interleaved, it runs round 1 of DPO from that
 SFT model on the same pairs and batches, float32:
@@ -29,18 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import MODEL, TRAINING, add_job_arguments, peak_rss_mb, rss_mb, setup  # noqa: E402
+from training_bench import LARGE_MODEL as BENCH_MODEL  # noqa: E402
+from training_bench import TRAINING, add_job_arguments, peak_rss_mb, rss_mb, setup  # noqa: E402
+from training_bench import run_worker as run_in_process  # noqa: E402
 
-BENCH_MODEL = {**MODEL, "hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": None}
 KINDS = ("full", "lora", "lora-adapter-off")
 JOBS = (*KINDS, "reference")
@@ -78,14 +76,7 @@ def worker(kind: str, workdir: Path) -> dict:
 
 def run_worker(kind: str, workdir: Path, threads: int) -> dict:
     """One train job in a fresh process, so that its peak RSS is its own."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    started = time.monotonic()
-    result = subprocess.run([sys.executable, __file__, "--worker", kind, str(workdir), "--threads", str(threads)],
-                            capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured["job_seconds"] = time.monotonic() - started  # the whole process: imports, loading, saving
+    measured = run_in_process(__file__, kind, workdir, threads)
     measured["above_start_mb"] = measured.pop("peak_rss_mb") - measured["baseline_rss_mb"]
     return measured
 

@@ -31,113 +31,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_bench import (  # noqa: E402
+    LARGE_MODEL,
+    MODEL,
+    TRAINING,
+    VOCAB_WORDS,
+    add_job_arguments,
+    measure_peak,
+    peak_rss_mb,
+    rss_mb,
+    run_worker,
+    setup,
+    training_flops,
+)
 
-VOCAB_WORDS = 8000
-MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_layers": 4, "num_heads": 4,
-         "max_position_embeddings": 512}
-TRAINING = {"loss": "dpo", "beta": 0.1, "lr": 1.0e-5, "warmup_steps": 0, "schedule": "constant",
-            "batch_size": 8, "micro_batch_size": 8, "epochs": 1, "max_grad_norm": 10.0,
-            "max_length": 512, "max_prompt_length": 256, "weight_decay": 0.0}
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}user : {{ m['content'] }} "
-                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
-KINDS = ("iteralign", "iteralign+ref", "trl", "trl-precomputed")
-
-
-# ---------------------------------------------------------------- set-up (no download)
-def build_tokenizer():
-    """Word-level: tokens never merge across the prompt/completion boundary, so TRL's joint
-    tokenization of prompt+completion gives the ids iteralign's separate one gives."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "user": 4, "assistant": 5, ":": 6}
-    for i in range(VOCAB_WORDS):
-        vocab[f"w{i}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def make_feedback(pairs: int, seed: int) -> list[dict]:
-    """Pairwise feedback items: prompts of 8-40 words, completions of 4-80 words."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def text(low, high):
-        return " ".join(f"w{i}" for i in rng.integers(0, VOCAB_WORDS, size=int(rng.integers(low, high))))
-
-    items = []
-    for p in range(pairs):
-        items.append({"type": "pairwise_feedback", "prompt_id": f"p{p}",
-                      "prompt": [{"role": "user", "content": text(8, 40)}],
-                      "output_A": [{"role": "assistant", "content": " " + text(4, 80)}],
-                      "output_B": [{"role": "assistant", "content": " " + text(4, 80)}], "label": int(p % 2)})
-    return items
-
-
-def setup(workdir: Path, pairs: int, seed: int, model: dict = MODEL, training: dict = TRAINING) -> dict:
-    import torch
-    import yaml
-
-    from iteralign import config as cfg
-    from iteralign.artifacts import write_json, write_parquet
-    from iteralign.reference import reference_logps
-    from iteralign.tiny import build_llama
-
-    tokenizer = build_tokenizer()
-    reference = build_llama(tokenizer, seed=seed, **model)
-    reference.save_pretrained(workdir / "reference")
-    tokenizer.save_pretrained(workdir / "reference")
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the policy of a later round: near the reference, not equal to it
-        for param in reference.parameters():
-            param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    reference.save_pretrained(workdir / "policy")
-    tokenizer.save_pretrained(workdir / "policy")
-    write_json(make_feedback(pairs, seed), workdir / "feedback_r1.json")
-    raw = {"experiment": "bench", "seed": seed, "training": training}
-    (workdir / "config.yaml").write_text(yaml.safe_dump(raw))
-    config = cfg.validate(raw)
-    write_parquet(reference_logps(config, workdir / "feedback_r1.json", workdir / "reference"),
-                  workdir / "reflogps_r1.parquet")
-    return {"parameters": sum(p.numel() for p in reference.parameters())}
+KINDS = ("iteralign", "iteralign padding-free", "iteralign+ref", "trl", "trl-precomputed")
 
 
 # ---------------------------------------------------------------- workers (one process each)
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb() -> float:
-    """This process's resident memory now."""
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program (VmHWM). Not
-    getrusage's ru_maxrss: that survives exec, so a worker would inherit the peak of the
-    benchmark process that forked it."""
-    return _status_mb("VmHWM")
-
-
 def ordered_pairs(workdir: Path, config: dict) -> list[dict]:
     """The pairs in the order of iteralign's batches, with the prompt as the model sees it."""
     from iteralign.feedback import load_feedback
@@ -156,16 +74,18 @@ def ordered_pairs(workdir: Path, config: dict) -> list[dict]:
         rejected = encode(tokenizer, prompt, pair.rejected, tcfg["max_length"], tcfg["max_prompt_length"])
         rows.append({"prompt": prompt, "chosen": pair.chosen, "rejected": pair.rejected,
                      "tokens": len(chosen.input_ids) + len(rejected.input_ids),
+                     "targets": sum(len(e.input_ids) - e.completion_start for e in (chosen, rejected)),
                      "length": max(len(chosen.input_ids), len(rejected.input_ids))})
     order = plan_batches([r["length"] for r in rows], tcfg["batch_size"], [config["seed"], 1, 0], False)
     return [rows[i] for batch in order for i in batch]
 
 
-def worker_iteralign(workdir: Path, with_reference: bool) -> dict:
+def worker_iteralign(workdir: Path, with_reference: bool, padding_free: bool = False) -> dict:
     from iteralign import config as cfg
     from iteralign.train.trainer import train_round
 
     config = cfg.load(workdir / "config.yaml")
+    config["training"]["padding_free"] = padding_free
     baseline = rss_mb()
     held = None
     if with_reference:  # the job variant that holds a reference model and runs it itself
@@ -190,7 +110,7 @@ def worker_iteralign(workdir: Path, with_reference: bool) -> dict:
     del held
     return {"first_loss": rows[0]["loss"], "seconds": sum(r["seconds"] for r in rows),
             "cpu_seconds": cpu.marks[-1] - cpu.start, "tokens": sum(r["tokens"] for r in rows), "steps": len(rows),
-            "baseline_rss_mb": baseline}
+            "positions": sum(r["tokens"] / (1 - r["padding"]) for r in rows), "baseline_rss_mb": baseline}
 
 
 class CpuClock(logging.Handler):
@@ -256,23 +176,14 @@ def worker_trl(workdir: Path, precompute: bool) -> dict:
             "cpu_seconds": timing["cpu_end"] - timing["cpu_start"], "tokens": sum(r["tokens"] for r in rows), "steps": len(timing["steps"]), "baseline_rss_mb": baseline}
 
 
-def run_worker(kind: str, workdir: Path, threads: int) -> dict:
-    """Run one measurement in a fresh process (so peak RSS is that job's alone)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, __file__, "--worker", kind, str(workdir), "--threads", str(threads)],
-                            capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    return measured
-
 
 def worker_main(kind: str, workdir: Path, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     if kind.startswith("iteralign"):
-        result = worker_iteralign(workdir, with_reference=kind == "iteralign+ref")
+        result = worker_iteralign(workdir, with_reference=kind == "iteralign+ref",
+                                  padding_free=kind.endswith("padding-free"))
     else:
         result = worker_trl(workdir, precompute=kind == "trl-precomputed")
     result["peak_rss_mb"] = peak_rss_mb()
@@ -301,16 +212,6 @@ def padding_waste(workdir: Path, seed: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- main
-def add_job_arguments(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
-    """The options of every training bench: threads, pairs, seed, and the worker call that runs one job."""
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per job (1: least disturbed by other load on a shared machine)")
-    parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--worker", choices=kinds, help=argparse.SUPPRESS)
-    parser.add_argument("workdir", nargs="?", help=argparse.SUPPRESS)
-
-
 def check_same_first_loss(first: dict[str, float]) -> None:
     """Same model, pairs, batch and reference log-probs: the first-step DPO losses must agree."""
     gap = max(abs(loss - first["trl"]) for loss in first.values())
@@ -323,8 +224,7 @@ def check_same_first_loss(first: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--memory-model", default="768,8", metavar="HIDDEN,LAYERS",
-                        help="the larger model of the memory comparison (weights, not the process, dominate)")
+    parser.add_argument("--large-repeats", type=int, default=3, help="repeats of the ~60M model's train jobs")
     add_job_arguments(parser, KINDS)
     args = parser.parse_args()
     if args.worker:
@@ -333,66 +233,129 @@ def main() -> None:
 
     import trl
 
+    from iteralign import config as cfg
+
+    peaks = [measure_peak(args.threads)]
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         workdir = Path(tmp)
         info = setup(workdir, args.pairs, args.seed)
         print(f"model: Llama, {info['parameters'] / 1e6:.1f}M parameters ({MODEL['num_layers']} layers, hidden "
               f"{MODEL['hidden_size']}, vocab {VOCAB_WORDS + 7}); {args.pairs} pairs, batch "
               f"{TRAINING['batch_size']}, float32, {args.threads} threads; trl {trl.__version__}")
-        results: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-        for repeat in range(args.repeats):
-            order = KINDS if repeat % 2 == 0 else KINDS[::-1]  # interleaved, alternating order
-            for kind in order:
-                results[kind].append(run_worker(kind, workdir, args.threads))
-                r = results[kind][-1]
-                print(f"  repeat {repeat + 1} {kind:16s} {r['tokens'] / r['seconds']:8.0f} tokens/s "
-                      f"peak RSS {r['peak_rss_mb']:6.0f} MB  first loss {r['first_loss']:.6f}", flush=True)
-            if repeat == 0:
-                check_same_first_loss({kind: results[kind][0]["first_loss"] for kind in KINDS})
-
-        throughput = {kind: statistics.median(r["tokens"] / r["seconds"] for r in results[kind]) for kind in KINDS}
-
-        def paired_ratio(a, b, value):
-            """Median over repeats of a/b, each repeat's two runs having been made back to back."""
-            return statistics.median(value(x) / value(y) for x, y in zip(results[a], results[b], strict=True))
-
-        def speed(r):
-            return r["tokens"] / r["seconds"]
-
-        def cpu_speed(r):
-            return r["tokens"] / r["cpu_seconds"]
-
-        def peak(r):
-            return r["peak_rss_mb"]
-
-        def above_start(r):
-            return r["peak_rss_mb"] - r["baseline_rss_mb"]
-
-        print(f"\n{'job':16s} {'tokens/s':>9s} {'tokens/CPU-s':>13s} {'peak RSS MB':>12s} {'above start MB':>15s}"
-              f"   (medians of {args.repeats})")
-        for kind in KINDS:
-            print(f"{kind:16s} {throughput[kind]:9.0f} {statistics.median(map(cpu_speed, results[kind])):13.0f} "
-                  f"{statistics.median(map(peak, results[kind])):12.0f} "
-                  f"{statistics.median(map(above_start, results[kind])):15.0f}")
-        print("\nratios (median over repeats of the ratio within a repeat):")
-        for label, value in (("tokens/s", speed), ("tokens/CPU-s", cpu_speed)):
-            print(f"  {label:12s} iteralign / trl {paired_ratio('iteralign', 'trl', value):.2f}x (goal >= 1.5x), "
-                  f"iteralign / trl-precomputed {paired_ratio('iteralign', 'trl-precomputed', value):.2f}x")
-        for label, value in (("peak RSS", peak), ("RSS above start", above_start)):
-            print(f"  {label} iteralign / iteralign+ref {paired_ratio('iteralign', 'iteralign+ref', value):.2f}x  "
-                  f"(goal <= 0.6x), iteralign / trl {paired_ratio('iteralign', 'trl', value):.2f}x")
+        results = interleaved(KINDS, workdir, args.threads, args.repeats, check_first_loss=True)
+        report_comparison(results, args.repeats)
+        pairs = ordered_pairs(workdir, cfg.load(workdir / "config.yaml"))
+        targets = sum(r["targets"] for r in pairs) / sum(r["tokens"] for r in pairs)
         print("\npadding waste (share of forward positions that are padding):")
         for label, waste in padding_waste(workdir, args.seed).items():
             print(f"  {label:32s} {100 * waste:5.1f}%")
+    large, large_info = large_model_runs(args)
+    peaks.append(measure_peak(args.threads))
+    report_flops({"5.2M": (info["parameters"], results), "~60M": (large_info["parameters"], large)}, peaks,
+                 args.threads, targets)
     memory_comparison(args)
+
+
+def interleaved(kinds: tuple[str, ...], workdir: Path, threads: int, repeats: int,
+                check_first_loss: bool = False) -> dict[str, list[dict]]:
+    """Each kind's job ``repeats`` times, each in a fresh process, interleaved in alternating order so that
+    other load on the machine falls on all alike."""
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for repeat in range(repeats):
+        for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
+            results[kind].append(run_worker(__file__, kind, workdir, threads))
+            r = results[kind][-1]
+            print(f"  repeat {repeat + 1} {kind:24s} {r['tokens'] / r['seconds']:8.0f} tokens/s "
+                  f"peak RSS {r['peak_rss_mb']:6.0f} MB  first loss {r['first_loss']:.6f}", flush=True)
+        if repeat == 0 and check_first_loss:
+            check_same_first_loss({kind: results[kind][0]["first_loss"] for kind in kinds})
+    return results
+
+
+def speed(r: dict) -> float:
+    return r["tokens"] / r["seconds"]
+
+
+def paired_ratio(results: dict[str, list[dict]], a: str, b: str, value=speed) -> float:
+    """Median over repeats of a/b, each repeat's two runs having been made back to back."""
+    return statistics.median(value(x) / value(y) for x, y in zip(results[a], results[b], strict=True))
+
+
+def report_comparison(results: dict[str, list[dict]], repeats: int) -> None:
+    def cpu_speed(r):
+        return r["tokens"] / r["cpu_seconds"]
+
+    def peak(r):
+        return r["peak_rss_mb"]
+
+    def above_start(r):
+        return r["peak_rss_mb"] - r["baseline_rss_mb"]
+
+    print(f"\n{'job':24s} {'tokens/s':>9s} {'tokens/CPU-s':>13s} {'peak RSS MB':>12s} {'above start MB':>15s}"
+          f"   (medians of {repeats})")
+    for kind, runs in results.items():
+        print(f"{kind:24s} {statistics.median(map(speed, runs)):9.0f} {statistics.median(map(cpu_speed, runs)):13.0f} "
+              f"{statistics.median(map(peak, runs)):12.0f} {statistics.median(map(above_start, runs)):15.0f}")
+    print("\nratios (median over repeats of the ratio within a repeat):")
+    for label, value in (("tokens/s", speed), ("tokens/CPU-s", cpu_speed)):
+        for job in ("iteralign", "iteralign padding-free"):
+            print(f"  {label:12s} {job} / trl {paired_ratio(results, job, 'trl', value):.2f}x (goal >= 1.5x), "
+                  f"/ trl-precomputed {paired_ratio(results, job, 'trl-precomputed', value):.2f}x (goal >= 2.0x)")
+    for label, value in (("peak RSS", peak), ("RSS above start", above_start)):
+        print(f"  {label} iteralign / iteralign+ref {paired_ratio(results, 'iteralign', 'iteralign+ref', value):.2f}x  "
+              f"(goal <= 0.6x), iteralign / trl {paired_ratio(results, 'iteralign', 'trl', value):.2f}x")
+
+
+def large_model_runs(args) -> tuple[dict[str, list[dict]], dict]:
+    """The train job, padded and padding-free, on the ~60M-parameter model with the comparison's pairs
+    and batches (micro-batch 8, no gradient checkpointing)."""
+    with tempfile.TemporaryDirectory(prefix="bench_training_large_") as tmp:
+        workdir = Path(tmp)
+        info = setup(workdir, args.pairs, args.seed, LARGE_MODEL)
+        print(f"\nthe ~60M model: Llama, {info['parameters'] / 1e6:.1f}M parameters ({LARGE_MODEL['num_layers']} "
+              f"layers, hidden {LARGE_MODEL['hidden_size']}), the same pairs and batches", flush=True)
+        kinds = ("iteralign", "iteralign padding-free")
+        return interleaved(kinds, workdir, args.threads, args.large_repeats), info
+
+
+def report_flops(models: dict[str, tuple[int, dict[str, list[dict]]]], peaks: list[dict[int, float]],
+                 threads: int, targets_share: float) -> None:
+    """Achieved FLOP/s of each train job against the float32 matmul peak measured in this run."""
+    best = {n: max(p[n] for p in peaks) for n in peaks[0]}
+    size = max(best, key=best.get)
+    peak = best[size]
+    print(f"\nfloat32 matmul peak, {threads} thread(s), best of torch.mm before and after the jobs: "
+          + ", ".join(f"{n}: {f / 1e9:.1f}" for n, f in best.items()) + f" GFLOP/s; peak {peak / 1e9:.1f} (n={size})")
+    print("training FLOP/s, estimated as 6 x parameters x tokens/s (real prompt+completion tokens of chosen and "
+          "rejected; padding and attention's own products not counted; the reference log-probs come from the "
+          "reference job, so no forward-only pass is in these jobs' time; TRL's precomputation is outside its "
+          "timed steps):")
+    print(f"  {'model':12s} {'job':24s} {'tokens/s':>8s} {'GFLOP/s':>8s} {'of peak':>8s}   per CPU-second "
+          "(steadier when other jobs share the cores):")
+    for label, (parameters, results) in models.items():
+        for kind, runs in results.items():
+            flops = training_flops(parameters, statistics.median(map(speed, runs)))
+            cpu_flops = training_flops(parameters, statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs))
+            print(f"  {label:5s} {parameters / 1e6:5.1f}M {kind:24s} {flops / 6 / parameters:8.0f} {flops / 1e9:8.1f} "
+                  f"{100 * flops / peak:7.1f}%   {cpu_flops / 1e9:7.1f} GFLOP/CPU-s {100 * cpu_flops / peak:5.1f}%")
+    parameters, large = models["~60M"]
+    print(f"  ~60M padding-free / padded tokens/s {paired_ratio(large, 'iteralign padding-free', 'iteralign'):.2f}x; "
+          "goal: >= 50% of peak on the ~60M model")
+    for label, (parameters, results) in models.items():
+        padded, packed = (1 - r["tokens"] / r["positions"] for r in (results["iteralign"][0],
+                                                                      results["iteralign padding-free"][0]))
+        hidden = (MODEL if label == "5.2M" else LARGE_MODEL)["hidden_size"]
+        skipped = hidden * (VOCAB_WORDS + 7) * (1 - targets_share) / parameters
+        print(f"  {label}: padding {100 * padded:.1f}% of forward positions padded, {100 * packed:.1f}% padding-free; "
+              f"padding-free runs the output layer at completion targets only, so {100 * skipped:.1f}% of the "
+              "6 x parameters x tokens estimate is not computed there")
 
 
 def memory_comparison(args) -> None:
     """Peak RSS of the train job against the same job holding the reference model, on a model
     large enough that its weights and optimizer state, not the imported libraries, dominate."""
-    hidden, layers = (int(v) for v in args.memory_model.split(","))
-    model = {**MODEL, "hidden_size": hidden, "intermediate_size": int(hidden * 8 / 3) // 16 * 16,
-             "num_layers": layers, "num_heads": max(1, hidden // 64)}
+    model = LARGE_MODEL
+    hidden, layers = model["hidden_size"], model["num_layers"]
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         workdir = Path(tmp)
         # one optimizer step, one pair per forward: weights and optimizer state, not activations, dominate
@@ -400,7 +363,7 @@ def memory_comparison(args) -> None:
         weights_mb = info["parameters"] * 4 / 2**20
         print(f"\nmemory: Llama, {info['parameters'] / 1e6:.1f}M parameters ({layers} layers, hidden {hidden}; "
               f"{weights_mb:.0f} MB of float32 weights), one step of {TRAINING['batch_size']} pairs, micro-batch 1")
-        runs = {kind: run_worker(kind, workdir, args.threads) for kind in ("iteralign", "iteralign+ref")}
+        runs = {kind: run_worker(__file__, kind, workdir, args.threads) for kind in ("iteralign", "iteralign+ref")}
         for kind, r in runs.items():
             print(f"  {kind:16s} peak RSS {r['peak_rss_mb']:6.0f} MB, above start {r['peak_rss_mb'] - r['baseline_rss_mb']:6.0f} MB")
         own, held = runs["iteralign"], runs["iteralign+ref"]

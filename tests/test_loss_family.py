@@ -40,6 +40,32 @@ def reference_table(config, feedback_path, checkpoint, folder):
 
 
 @pytest.mark.parametrize("loss", sorted(FEEDBACK_OF))
+def test_every_loss_padding_free_equals_padded(loss, feedback, tiny_checkpoint, tmp_path):
+    """training.padding_free changes where the forward's positions go, not a loss or its gradient."""
+    config = loss_config(loss)
+    path = feedback[FEEDBACK_OF[loss]]
+    tokenizer, model = load_tokenizer(tiny_checkpoint), load_causal_lm(tiny_checkpoint)
+    reference = ReferenceLogps([reference_table(config, path, tiny_checkpoint, tmp_path)]) \
+        if uses_reference(config["training"]) else None
+    examples, _ = build_examples([path], config, tokenizer, reference)
+    for example in examples:
+        example.setdefault("old", -5.0)  # GRPO's sampler log-prob: any fixed value serves both
+    results = []
+    for padding_free in (False, True):
+        tcfg = {**config["training"], "padding_free": padding_free}
+        total, sums = _micro_batch_loss(model, examples, tcfg, tokenizer.pad_token_id, "cpu", torch.tensor(0.0))
+        total.backward()
+        results.append((total.detach(), sums, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    (padded, padded_sums, padded_grads), (packed, packed_sums, packed_grads) = results
+    assert torch.allclose(packed, padded, rtol=1e-5, atol=1e-5)
+    assert packed_sums["tokens"] == padded_sums["tokens"] and packed_sums["positions"] <= padded_sums["positions"]
+    # each gradient to float rounding relative to its largest entry (IPO's squared loss makes them large)
+    assert padded_grads and all((a - b).abs().max() <= 1e-5 * b.abs().max()
+                                for a, b in zip(packed_grads, padded_grads, strict=True))
+
+
+@pytest.mark.parametrize("loss", sorted(FEEDBACK_OF))
 def test_one_optimizer_step_lowers_the_loss_on_a_fixed_batch(loss, feedback, tiny_checkpoint, tmp_path):
     config = loss_config(loss)
     tcfg = config["training"]

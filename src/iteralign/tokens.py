@@ -88,6 +88,53 @@ def collate(batch: list[Encoded], pad_id: int, device=None) -> dict:
     return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of sequences of these lengths packed into rows of at most ``capacity`` tokens
+    (first-fit decreasing; a sequence longer than ``capacity`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def collate_packed(batch: list[Encoded], pad_id: int, device=None) -> dict:
+    """The sequences packed padding-free into rows no longer than the longest of them, ``[R, T]``:
+    input_ids, position_ids (from 0 in each sequence, so that transformers masks attention
+    block-diagonally: a sequence attends only to its own earlier tokens), completion_mask (the
+    targets; never a sequence's first token, which has nothing before it in its row) and
+    ``segments``, the index in ``batch`` of the sequence each position holds (-1: padding).
+    A row's padding tail is a block of its own, positions again from 0."""
+    import torch
+
+    lengths = [len(e.input_ids) for e in batch]
+    rows = pack_rows(lengths, max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            e, end = batch[index], start + lengths[index]
+            input_ids[r, start:end] = torch.tensor(e.input_ids, dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(lengths[index])
+            completion_mask[r, start + max(e.completion_start, 1) : end] = 1
+            segments[r, start:end] = index
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    tensors = {"input_ids": input_ids, "position_ids": position_ids, "completion_mask": completion_mask,
+               "segments": segments}
+    return {k: v.to(device) for k, v in tensors.items()} if device is not None else tensors
+
+
 def process_chunks(batch: list, rank: int, world: int, micro_batch_size: int) -> list[tuple[list, float]]:
     """This process's micro-batches of a global batch, each with its weight (1, or 0 for padding).
 

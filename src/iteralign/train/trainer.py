@@ -31,10 +31,10 @@ from iteralign.artifacts import write_jsonl
 from iteralign.config import old_policy_job, reference_in_train_job, round_seed
 from iteralign.errors import UserError
 from iteralign.feedback import check_trainable, load_feedback
-from iteralign.logps import batched_completion_logps, completion_logps
+from iteralign.logps import batched_completion_logps, completion_logps, packed_completion_logps
 from iteralign.modeling import load_causal_lm, load_tokenizer
 from iteralign.reference import ReferenceLogps
-from iteralign.tokens import collate, process_chunks
+from iteralign.tokens import collate, collate_packed, process_chunks
 from iteralign.train.checkpoint import (
     load_training_state,
     optimizer_state_to_save,
@@ -91,12 +91,23 @@ def _micro_batch_loss(model, batch: list[dict], tcfg: dict, pad_id: int, device,
     objective = objective_of(tcfg)
     sequences = [b["chosen"] for b in batch] + [b["rejected"] for b in batch] if objective.paired else \
         [b["completion"] for b in batch]
-    tensors = collate(sequences, pad_id, device)  # chosen and rejected in one forward pass
-    logps, lengths = completion_logps(model, **tensors)
-    sums = {"tokens": sum(len(s.input_ids) for s in sequences), "positions": tensors["attention_mask"].numel()}
+    logps, lengths, positions = _sequence_logps(model, sequences, tcfg["padding_free"], pad_id, device)
+    sums = {"tokens": sum(len(s.input_ids) for s in sequences), "positions": positions}
     per_example, objective_sums = objective.objective(batch, logps, lengths, tcfg, device, kl)
     sums.update(objective_sums)
     return per_example.sum(), sums
+
+
+def _sequence_logps(model, sequences: list, padding_free: bool, pad_id: int, device):
+    """Summed completion log-probs and token counts of the sequences, all in one forward pass
+    (chosen and rejected together), padded or packed padding-free; and the forward's positions."""
+    if padding_free:
+        tensors = collate_packed(sequences, pad_id, device)
+        logps, lengths = packed_completion_logps(model, **tensors, count=len(sequences))
+    else:
+        tensors = collate(sequences, pad_id, device)
+        logps, lengths = completion_logps(model, **tensors)
+    return logps, lengths, tensors["input_ids"].numel()
 
 
 def _reduce_sums(accelerator, sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
