@@ -366,9 +366,10 @@ def load(path: str | Path) -> dict:
     return validate(raw or {}, source=str(path))
 
 
-# Keys whose default hashes as a config without the key does (full fine-tuning, on-policy
-# sampling), so that adding them kept the hashes of experiments that leave them unset.
-_HASH_OMITTED_DEFAULTS = (("training", "lora", None), ("sampling", "lag", 0))
+# Keys whose default hashes as a config without the key does (full fine-tuning, padded
+# batches, on-policy sampling), so that adding them kept the hashes of experiments that
+# leave them unset.
+_HASH_OMITTED_DEFAULTS = (("training", "lora", None), ("training", "padding_free", False), ("sampling", "lag", 0))
 
 
 def config_hash(config: dict) -> str:
