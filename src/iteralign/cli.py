@@ -177,11 +177,11 @@ def cmd_score(args) -> None:
     from iteralign.score import score_samples
 
     config = _config(args)
-    _threads(args)
     scoring, inputs = config["scoring"], {"samples": args.samples}
-    if scoring["scorer"] == "reward_model":
+    if scoring["scorer"] == "reward_model":  # the one scorer that runs torch here: others never import it
         from iteralign.score.reward_model import check_checkpoint
 
+        _threads(args)
         rm = scoring["reward_model"]
         inputs["reward_model"] = check_checkpoint(rm["path"], rm["trust_remote_code"])
     main = is_main_process()  # under accelerate launch, every process scores a share; rank 0 writes
