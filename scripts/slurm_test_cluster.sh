@@ -56,6 +56,10 @@ SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
 MinJobAge=300
+# Answers on one node take milliseconds; while the cluster is down, every client call
+# (the SLURM executor plugin runs `scontrol show config` whenever Snakemake starts)
+# then fails after about 1 s instead of the default 10 s timeout.
+MessageTimeout=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
