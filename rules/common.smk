@@ -135,13 +135,18 @@ def eval_previous(wildcards):
     return [] if n == 0 else [result(layout.eval_table(n - 1))]
 
 
-def input_option(name):
-    """A params function: `--<name, with hyphens> <the rule's input files called name>`, or nothing when there are none."""
+def input_options(*names):
+    """A params function: `--<name, with hyphens> <the rule's input files called name>` for each
+    of ``names`` that has files, one space apart (nothing for those without)."""
 
     def render(wildcards, input):
-        files = getattr(input, name)
-        files = [files] if isinstance(files, str) else list(files)
-        return f"--{name.replace('_', '-')} {' '.join(files)}" if files else ""
+        options = []
+        for name in names:
+            files = getattr(input, name)
+            files = [files] if isinstance(files, str) else list(files)
+            if files:
+                options.append(f"--{name.replace('_', '-')} {' '.join(files)}")
+        return " ".join(options)
 
     return render
 

@@ -9,7 +9,7 @@ rule round_summary:
     output:
         str(LOGS / layout.round_summary("{n}")),
     params:
-        feedback=input_option("feedback"),
+        feedback=input_options("feedback"),
     log:
         log_file("round_summary", "{n}"),
     localrule: True

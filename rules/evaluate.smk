@@ -19,8 +19,8 @@ rule evaluate:
     params:
         iteralign=iteralign_command("evaluate"),
         config=CONFIG_FILE,
-        baseline=input_option("baseline"),
-        previous=input_option("previous"),
+        baseline=input_options("baseline"),
+        previous=input_options("previous"),
     log:
         log_file("evaluate", "{n}"),
     benchmark:

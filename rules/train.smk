@@ -16,9 +16,7 @@ rule train:
         config=CONFIG_FILE,
         launch=launcher("train"),
         rebuilds=pruned_checkpoint_note,
-        reference=input_option("reference"),
-        base=input_option("base"),
-        old_policy=input_option("old_policy"),
+        extra_inputs=input_options("reference", "base", "old_policy"),
     message:
         "{params.rebuilds}"  # empty (Snakemake's usual job lines) unless it rebuilds a pruned checkpoint
     log:
@@ -34,5 +32,5 @@ rule train:
         conda_env("train")
     shell:
         "{params.launch} train --config {params.config} --round {wildcards.n} --feedback {input.feedback} "
-        "{params.reference} {params.base} {params.old_policy} --checkpoint {input.checkpoint} --output {output.checkpoint} "
+        "{params.extra_inputs} --checkpoint {input.checkpoint} --output {output.checkpoint} "
         "--metrics {output.metrics} --threads {threads} > {log} 2>&1"

@@ -70,3 +70,12 @@ def test_scientific_numbers_without_a_dot_are_numbers(tmp_path):
     assert config["experiment"] == "1e5"  # a string field stays a string
     with pytest.raises(ConfigError, match=r"key training.lr: found \"fast\""):
         cfg.validate({"training": {"lr": "fast"}})
+
+
+def test_whole_numbers_given_as_text_are_integers_where_the_schema_wants_one():
+    # `snakemake --config checkpoints='{keep_last: 1}'` hands the nested value over as "1"
+    config = cfg.validate({"checkpoints": {"keep_last": "1"}, "sampling": {"lag": " 2 "}})
+    assert config["checkpoints"]["keep_last"] == 1 and config["sampling"]["lag"] == 2
+    assert isinstance(config["sampling"]["lag"], int)
+    with pytest.raises(ConfigError, match=r"key sampling.lag: found \"1.5\""):
+        cfg.validate({"sampling": {"lag": "1.5"}})

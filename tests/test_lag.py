@@ -70,6 +70,16 @@ def test_with_lag_one_round_n_plus_one_samples_without_waiting_for_round_n_train
 
 
 @pytest.mark.workflow
+def test_lag_set_on_the_command_line_reaches_the_rules(tmp_path):
+    workdir = new_workdir(tmp_path)
+    jobs = dry_run_jobs(workdir, workdir / "config.yaml", "--cores", "2", "--config", "sampling={lag: 1}",
+                        "checkpoints={keep_last: 1}")
+    samples = [j["shell"] for j in jobs if j["rule"] == "sample"]
+    assert _sampling_checkpoints(samples) == {1: 0, 2: 0, 3: 1}
+    assert [j for j in jobs if j["rule"] == "prune_checkpoint"]
+
+
+@pytest.mark.workflow
 def test_grpo_under_lag_scores_each_round_with_its_sampling_checkpoint_even_without_a_reference(tmp_path):
     commands = commands_by_step(tmp_path / "grpo", sampling={"lag": 1},
                                 **{**GRPO, "training": {"loss": "grpo", "grpo": {"kl_weight": 0.0}}})

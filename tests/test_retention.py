@@ -177,6 +177,16 @@ def test_a_successor_deleted_by_retention_counts_as_complete(experiment):
     assert prune_checkpoint(config, 1, checkpoint(experiment, 1))["deleted"] is True
 
 
+def test_a_successor_that_another_prune_is_deleting_counts_as_complete(experiment):
+    """Two prune jobs run at once: round 2's has renamed its FINAL and not yet written pruned.json."""
+    make_checkpoint(checkpoint(experiment, 3), 3)
+    finish_training(experiment, 2)
+    finish_training(experiment, 3)
+    successor = checkpoint(experiment, 2)
+    successor.rename(successor.with_name(".FINAL.pruning-12345"))
+    assert prune_checkpoint(experiment_config(experiment, keep_last=1), 1, checkpoint(experiment, 1))["deleted"]
+
+
 def test_pruning_again_keeps_the_record_of_the_first_deletion(experiment):
     finish_training(experiment, 2)
     first = prune_checkpoint(experiment_config(experiment), 1, checkpoint(experiment, 1))

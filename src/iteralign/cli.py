@@ -138,12 +138,12 @@ def cmd_sample(args) -> None:
 
     config = _config(args)
     _threads(args)
-    sampler = _sampling_round(config, args.round, args.checkpoint)
     prov = _provenance("sample", config, {"prompts": args.prompts, "checkpoint": args.checkpoint})
     plan = read_parquet(args.prompts)
     todo = plan[(plan["split"] == "train") & (plan["round"] == args.round)]
     if todo.empty:
         raise UserError(f"{args.prompts}: no training prompts planned for round {args.round}")
+    sampler = _sampling_round(config, args.round, args.checkpoint)
     scfg = config["sampling"]
     seed = round_seed(config, args.round)
     prompts = [messages_from_cell(p) for p in todo["prompt"]]

@@ -58,13 +58,16 @@ def _validator_with_defaults(schema: dict):
 
 # YAML 1.1 (PyYAML, and yte which Snakemake uses) reads `5e-7` -- no dot -- as text.
 _NUMBER_TEXT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+# `snakemake --config section='{key: 1}'` hands nested values over as text.
+_INTEGER_TEXT = re.compile(r"^\s*[-+]?\d+\s*$")
 
 
 def coerce_numbers(config: dict, schema: dict | None = None) -> dict:
-    """Turn number-like strings into floats where the schema expects a number (in place).
+    """Turn number-like strings into numbers where the schema expects one (in place).
 
     Only strings that are a plain decimal or scientific number and sit at a key whose
-    schema allows ``number`` change; everything else is left for validation to judge.
+    schema allows ``number`` (a float) or, for whole numbers, ``integer`` (an int) change;
+    everything else is left for validation to judge.
     """
     schema = schema if schema is not None else load_schema()
     return _coerce(config, schema, schema)
@@ -98,6 +101,8 @@ def _coerce(node, sub: dict, root: dict):
         return [_coerce(value, items[0], root) for value in node] if items else node
     if isinstance(node, str) and _NUMBER_TEXT.match(node):
         types = [t for b in branches for t in ([b["type"]] if isinstance(b.get("type"), str) else b.get("type", []))]
+        if "integer" in types and _INTEGER_TEXT.match(node):
+            return int(node)
         if "number" in types:
             return float(node)
     return node

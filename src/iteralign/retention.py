@@ -61,7 +61,7 @@ def _check_request(config: dict, round_n: int, checkpoint: Path) -> Path:
                              f"missing); with keep_last {keep} the checkpoint is still needed")
     for later in range(round_n + 1, round_n + keep + 1):
         successor = expected_checkpoint(config, later)
-        if not (checkpoint_is_complete(successor, later) or was_pruned(successor)):
+        if not (checkpoint_is_complete(successor, later) or was_pruned(successor) or being_pruned(successor)):
             raise RetentionError(f"{checkpoint}: round {later}'s checkpoint {successor} is not complete (missing, "
                                  f"or without {TRAINER_STATE} of round {later} and its FINAL.meta.json); "
                                  "a checkpoint is deleted only once the checkpoints after it are whole")
@@ -92,6 +92,13 @@ def was_pruned(folder: Path) -> bool:
         return json.loads(record.read_text()).get("deleted") is True
     except json.JSONDecodeError:
         return False
+
+
+def being_pruned(folder: Path) -> bool:
+    """Whether a prune of ``folder`` is under way (or was killed) in another process: the folder is
+    gone and its renamed copy, deleted next, is there; its pruned.json follows when it finishes."""
+    folder = Path(folder)
+    return not folder.exists() and any(folder.parent.glob(f".{folder.name}.pruning-*"))
 
 
 def retrain_note(config: dict, round_n: int) -> str:
