@@ -22,7 +22,6 @@ and the workflow's own wall time and the sum of its jobs' benchmark seconds.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -35,9 +34,8 @@ import time
 from pathlib import Path
 
 import yaml
+from workflow_bench import BIN, REPO, benchmark_seconds, demo_config, run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 HEAVY = ("torch", "transformers", "pandas")
 
 # Runs `iteralign <step> ...` and writes the step's work window to $BENCH_JOBS_WINDOW (JSON):
@@ -89,33 +87,22 @@ def workflow_config(workdir: Path, micro: bool) -> Path:
         from helpers import new_workdir
 
         new_workdir(workdir, experiment="bench-jobs-micro")
-    else:
-        config = yaml.safe_load((REPO / "config.yaml").read_text())
-        config["experiment"] = "bench-jobs"
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    return workdir / "config.yaml"
+        return workdir / "config.yaml"
+    return demo_config(workdir, experiment="bench-jobs")
 
 
 def run_workflow(workdir: Path, config_file: Path, cores: int) -> float:
     """Runs the workflow to its end; returns its wall seconds."""
-    command = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile",
-               str(config_file), "--cores", str(cores)]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     started = time.monotonic()
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    seconds = time.monotonic() - started
-    if result.returncode != 0:
-        sys.exit(f"bench_jobs: the workflow failed:\n{result.stderr[-4000:]}")
-    return seconds
+    run_snakemake(workdir, config_file, "--cores", str(cores))
+    return time.monotonic() - started
 
 
 def benchmark_walls(bench_dir: Path) -> dict[str, list[float]]:
     """Snakemake's benchmark seconds by rule (the file name less its round)."""
     walls: dict[str, list[float]] = {}
     for path in sorted(bench_dir.glob("*.tsv")):
-        rule = re.sub(r"_r\d+$", "", path.stem)
-        with path.open() as rows:
-            walls.setdefault(rule, []).extend(float(row["s"]) for row in csv.DictReader(rows, delimiter="\t"))
+        walls.setdefault(re.sub(r"_r\d+$", "", path.stem), []).extend(benchmark_seconds(path))
     return walls
 
 

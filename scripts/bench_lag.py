@@ -22,15 +22,13 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from workflow_bench import REPO, benchmark_seconds, demo_config, run_snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from iteralign.layout import round_files  # noqa: E402
@@ -39,20 +37,8 @@ EXPERIMENT = "demo"
 SHARED_RULES = ("plan", "sft", "link_sft")
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), *args]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"snakemake {' '.join(args)} failed in {workdir}:\n{result.stderr[-3000:]}")
-    return result
-
-
-def write_config(workdir: Path, lag: int) -> None:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["sampling"]["lag"] = lag
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+def snakemake(workdir: Path, *args: str):
+    return run_snakemake(workdir, workdir / "config.yaml", *args)
 
 
 def planned_jobs(workdir: Path) -> list[dict]:
@@ -75,10 +61,7 @@ def planned_jobs(workdir: Path) -> list[dict]:
 def seconds(workdir: Path, job: dict) -> float:
     """The job's wall time from its Snakemake benchmark file (0 for a job without one)."""
     path = workdir / job["benchmark"] if job["benchmark"] else None
-    if path is None or not path.exists():
-        return 0.0
-    header, values = (line.split("\t") for line in path.read_text().splitlines()[:2])
-    return float(values[header.index("s")])
+    return benchmark_seconds(path)[0] if path is not None and path.exists() else 0.0
 
 
 def critical_path(jobs: list[dict], weight: dict[int, float]) -> tuple[float, list[int]]:
@@ -135,12 +118,12 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-lag-"))
     shared = root / "lag0"
-    write_config(shared, 0)
+    demo_config(shared, sampling={"lag": 0})
     print(f"shared part (plan, SFT, round 0 evaluation) in {shared} ...", flush=True)
     snakemake(shared, "--cores", str(args.cores), f"results/{EXPERIMENT}/eval_r0.json")
     lagged = root / "lag1"
     shutil.copytree(shared, lagged, symlinks=True)
-    write_config(lagged, 1)
+    demo_config(lagged, sampling={"lag": 1})
     figures = {lag: measure(root / f"lag{lag}", args.cores) for lag in (0, 1)}
     print(f"\nthe demo's {len(figures[0]['rewards']) - 1} rounds, {args.cores} jobs at a time (seconds; "
           "critical path: the benchmark times along the DAG's longest chain)")

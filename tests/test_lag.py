@@ -136,7 +136,7 @@ def test_old_policy_table_equals_the_log_probs_the_reference_computation_gives(t
     config = cfg.validate(micro_config(sampling={"lag": 1}, **GRPO))
     feedback = write_feedback(tmp_path, "scalar")
     old = old_policy_logps(config, feedback, tiny_checkpoint)
-    same = completion_logps(config, feedback, tiny_checkpoint, "check")
+    same = completion_logps(config, feedback, tiny_checkpoint, "reference_logp")
     assert len(old) > 0
     assert list(old["old_policy_logp"]) == list(same["reference_logp"])
 

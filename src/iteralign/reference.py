@@ -23,7 +23,6 @@ from iteralign.tokens import completion_key
 log = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ["prompt_id", "completion_key", "reference_logp", "num_tokens", "truncated"]
-OLD_POLICY_COLUMNS = ["prompt_id", "completion_key", "old_policy_logp", "num_tokens", "truncated"]
 
 
 def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path):
@@ -34,24 +33,24 @@ def reference_logps(config: dict, feedback_path: str | Path, checkpoint: str | P
     if not uses_reference(tcfg):
         raise ConfigError(f"training.loss={tcfg['loss']!r} with these settings is reference-free: "
                           "it needs no reference log-probs")
-    return completion_logps(config, feedback_path, checkpoint, "reference")
+    return completion_logps(config, feedback_path, checkpoint, "reference_logp")
 
 
 def old_policy_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path):
     """The old-policy table of one feedback file, under the checkpoint that sampled it
-    (OLD_POLICY_COLUMNS), on every process: pi_old of GRPO's importance ratio under sampling.lag."""
+    (REFERENCE_COLUMNS with ``old_policy_logp``), on every process: pi_old of GRPO's importance ratio under sampling.lag."""
     from iteralign.config import ConfigError, old_policy_job
 
     if not old_policy_job(config):
         raise ConfigError(f"training.loss={config['training']['loss']!r} with sampling.lag "
                           f"{config['sampling']['lag']}: the train job needs no old-policy log-probs")
-    return completion_logps(config, feedback_path, checkpoint, "old_policy").rename(
-        columns={"reference_logp": "old_policy_logp"})
+    return completion_logps(config, feedback_path, checkpoint, "old_policy_logp")
 
 
-def completion_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path, progress: str):
+def completion_logps(config: dict, feedback_path: str | Path, checkpoint: str | Path, column: str):
     """Log-probs under ``checkpoint`` of every sequence the loss builds from one feedback file,
-    tokenized as the train job tokenizes them, keyed by (prompt_id, completion_key)."""
+    tokenized as the train job tokenizes them, keyed by (prompt_id, completion_key): the table's
+    columns are REFERENCE_COLUMNS with the log-prob named ``column``."""
     import pandas as pd
 
     from iteralign.feedback import check_trainable, load_feedback
@@ -86,7 +85,7 @@ def completion_logps(config: dict, feedback_path: str | Path, checkpoint: str | 
         with accelerator.autocast():
             logps, counts = batched_completion_logps(
                 model, encoded, tokenizer.pad_token_id, 2 * tcfg["micro_batch_size"], accelerator.device,
-                progress=progress, rank=accelerator.process_index, world=accelerator.num_processes,
+                progress=column.removesuffix("_logp"), rank=accelerator.process_index, world=accelerator.num_processes,
             )
     else:
         log.warning("%s has no items; writing an empty table", feedback_path)
@@ -94,10 +93,10 @@ def completion_logps(config: dict, feedback_path: str | Path, checkpoint: str | 
     return pd.DataFrame({
         "prompt_id": [s[0] for s in sequences],
         "completion_key": [completion_key(s[2]) for s in sequences],
-        "reference_logp": pd.array(logps, dtype="float64"),
+        column: pd.array(logps, dtype="float64"),
         "num_tokens": pd.array(counts, dtype="int64"),
         "truncated": truncated,
-    }, columns=REFERENCE_COLUMNS)
+    }, columns=[column if c == "reference_logp" else c for c in REFERENCE_COLUMNS])
 
 
 def load_reference_logps(paths: list[str | Path], column: str = "reference_logp") -> dict[tuple[str, str], float]:

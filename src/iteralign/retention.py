@@ -98,7 +98,7 @@ def being_pruned(folder: Path) -> bool:
     """Whether a prune of ``folder`` is under way (or was killed) in another process: the folder is
     gone and its renamed copy, deleted next, is there; its pruned.json follows when it finishes."""
     folder = Path(folder)
-    return not folder.exists() and any(folder.parent.glob(f".{folder.name}.pruning-*"))
+    return not folder.exists() and any(_pruning_copies(folder))
 
 
 def retrain_note(config: dict, round_n: int) -> str:
@@ -137,8 +137,13 @@ def _folder_bytes(folder: Path) -> int:
 
 def _remove_stale(folder: Path) -> None:
     """Remove what a killed earlier prune of ``folder`` left behind."""
-    for stale in folder.parent.glob(f".{folder.name}.pruning-*"):
+    for stale in _pruning_copies(folder):
         shutil.rmtree(stale)
+
+
+def _pruning_copies(folder: Path):
+    """The renamed copies of ``folder`` that a prune deletes (:func:`prune_checkpoint`)."""
+    return folder.parent.glob(f".{folder.name}.pruning-*")
 
 
 def _forget_last_good(folder: Path) -> None:

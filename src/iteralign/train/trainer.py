@@ -259,13 +259,9 @@ def _score_reference_adapter_off(run: _Round) -> None:
     """The reference log-probs of every example, from the SFT model that the base with the
     LoRA adapter switched off is, before the first update (training.lora.reference: adapter_off)."""
     slots = [(example, field) for example in run.examples for field in REFERENCE_FIELDS if field in example]
-    accelerator = run.accelerator
-    with accelerator.unwrap_model(run.model).disable_adapter(), accelerator.autocast():
-        logps, _ = batched_completion_logps(
-            run.model, [example[field] for example, field in slots], run.tokenizer.pad_token_id,
-            2 * run.training["micro_batch_size"], accelerator.device, progress="reference (adapter off)",
-            rank=accelerator.process_index, world=accelerator.num_processes)
-    for (example, field), logp in zip(slots, logps.tolist(), strict=True):
+    with run.accelerator.unwrap_model(run.model).disable_adapter():
+        logps = _no_grad_logps(run, [example[field] for example, field in slots], "reference (adapter off)")
+    for (example, field), logp in zip(slots, logps, strict=True):
         example[REFERENCE_FIELDS[field]] = logp
     log.info("round %d: %d reference log-probs from the SFT model (the adapter switched off)", run.round_n,
              len(slots))
@@ -293,14 +289,20 @@ def _old_policy_logps(run: _Round, old_policy_paths: list[str | Path]) -> None:
 
 def _score_old_policy(run: _Round) -> None:
     """The log-probs of the policy as it starts the round."""
+    old = _no_grad_logps(run, [e["completion"] for e in run.examples], "old policy")
+    for example, logp in zip(run.examples, old, strict=True):
+        example["old"] = logp
+
+
+def _no_grad_logps(run: _Round, sequences: list, progress: str) -> list[float]:
+    """Completion log-probs of ``sequences`` under the round's model as it is now, without gradient,
+    sharded over the processes, under the same autocast as the loss (and the reference job)."""
     accelerator = run.accelerator
     with accelerator.autocast():
-        old, _ = batched_completion_logps(
-            run.model, [e["completion"] for e in run.examples], run.tokenizer.pad_token_id,
-            2 * run.training["micro_batch_size"], accelerator.device, progress="old policy",
-            rank=accelerator.process_index, world=accelerator.num_processes)
-    for example, logp in zip(run.examples, old.tolist(), strict=True):
-        example["old"] = logp
+        logps, _ = batched_completion_logps(
+            run.model, sequences, run.tokenizer.pad_token_id, 2 * run.training["micro_batch_size"],
+            accelerator.device, progress=progress, rank=accelerator.process_index, world=accelerator.num_processes)
+    return logps.tolist()
 
 
 # ---------------------------------------------------------------- one optimizer step
